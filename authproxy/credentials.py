@@ -1,0 +1,409 @@
+"""The credential manager: everything about time and concurrency, for every scheme.
+
+Like Vault Agent's auto-auth, one object per service owns the cached
+credential(s), single-flight fetching (one request upstream however many
+clients wait), proactive refresh before expiry, exponential backoff with jitter
+after failures, the service's visible state, the record of credentials
+authproxy created (persisted, so a restart reuses them and an exit revokes
+them), and shutdown. Schemes never see any of this.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from cachetools import TLRUCache
+
+from authproxy.observe import Metrics, log_event
+from authproxy.schemes.base import Credential, CredentialError, LoginRequired, Scheme, UpstreamReply
+from authproxy.state import StateError
+
+log = logging.getLogger("authproxy.credentials")
+
+BACKOFF_CAP = 60.0
+BACKOFF_FIRST = 1.0  # after a transient failure (connection, timeout, 5xx)
+BACKOFF_FIRST_REFUSED = 10.0  # after a refusal (bad password): never hammer an account
+MAX_KEYED = 10_000  # on-behalf-of users kept in memory at once
+RECORDS = "credentials"
+
+
+class Unavailable(Exception):
+    """No credential can be had now: the proxy answers 503 with this code."""
+
+    def __init__(self, code: str, message: str, retry_after: float | None) -> None:
+        super().__init__(message)
+        self.code = code  # token_unavailable | login_required
+        self.message = message
+        self.retry_after = retry_after
+
+
+@dataclass
+class Status:
+    state: str  # ready | pending | backoff | login_required | error
+    expires_in: float | None
+    last_error: str | None
+
+
+def backoff_delay(failures: int, refused: bool, rng: Callable[[], float] = random.random) -> float:
+    """Exponential with ±20 % jitter, capped: 1, 2, 4 … 60 s (10, 20, 40, 60 s after a refusal)."""
+    first = BACKOFF_FIRST_REFUSED if refused else BACKOFF_FIRST
+    base = min(BACKOFF_CAP, first * (2 ** max(0, failures - 1)))
+    return min(BACKOFF_CAP, base * (0.8 + 0.4 * rng()))
+
+
+class ServiceCredentials:
+    def __init__(
+        self,
+        name: str,
+        scheme: Scheme,
+        metrics: Metrics | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.name = name
+        self.scheme = scheme
+        self.metrics = metrics
+        self.clock = clock
+        self._cache: TLRUCache[str | None, Credential] = TLRUCache(
+            maxsize=MAX_KEYED, ttu=self._ttu, timer=clock
+        )
+        self._inflight: dict[str | None, asyncio.Future[Credential]] = {}
+        self._created: dict[str, Credential] = {}  # token → credential, for revocation
+        self._failures = 0
+        self._retry_at = 0.0
+        self._error: str | None = None
+        self._error_state: str | None = None  # backoff | error | login_required
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._revocations: set[asyncio.Task[None]] = set()
+        self._closed = False
+        self._identity = scheme.identity()
+        self._load_records()
+
+    # ------------------------------------------------------------------ cache helpers
+    @staticmethod
+    def _ttu(key: Any, cred: Credential, now: float) -> float:
+        return math.inf if cred.expires_at is None else cred.expires_at
+
+    def _refresh_at(self, cred: Credential) -> float | None:
+        if cred.expires_at is None:
+            return None
+        lifetime = max(0.0, cred.expires_at - cred.obtained_at)
+        return cred.expires_at - min(self.scheme.refresh_margin, lifetime / 2)
+
+    def current(self, key: str | None = None) -> Credential | None:
+        return self._cache.get(key)
+
+    # ------------------------------------------------------------------ the request path
+    async def get(self, key: str | None = None) -> Credential:
+        """The credential to use now: cached, or fetched once for all who wait."""
+        cred = self._cache.get(key)
+        if cred is not None:
+            refresh_at = self._refresh_at(cred)
+            if key is not None and refresh_at is not None and self.clock() >= refresh_at and key not in self._inflight:
+                self._start_fetch(key)  # refresh ahead of expiry; this request still uses the valid one
+            return cred
+        fut = self._inflight.get(key)
+        if fut is None:
+            if key is None and self._error_state in ("backoff", "error"):
+                wait = self._retry_at - self.clock()
+                if wait > 0:
+                    raise Unavailable("token_unavailable", self._unavailable_message(), wait)
+            fut = self._start_fetch(key)
+        try:
+            return await asyncio.shield(fut)
+        except LoginRequired as e:
+            raise Unavailable("login_required", self._login_message(e), None) from None
+        except CredentialError as e:
+            retry = max(1.0, self._retry_at - self.clock()) if key is None else 1.0
+            raise Unavailable("token_unavailable", f"{self.name}: {e.message}", retry) from None
+
+    def rejected(self, cred: Credential) -> None:
+        """The upstream refused ``cred``: forget it, so the next ``get`` fetches anew.
+        Only the exact credential is dropped, so a burst of rejections of one token
+        causes one new fetch, not one each."""
+        key = cred.key
+        if self._cache.get(key) is cred:
+            del self._cache[key]
+        if self._created.pop(cred.token.reveal(), None) is not None:
+            self._save_records()
+        log_event(log, logging.INFO, "credential_rejected", service=self.name, key=key)
+
+    # ------------------------------------------------------------------ fetching
+    def _start_fetch(self, key: str | None) -> asyncio.Future[Credential]:
+        fut = self._inflight.get(key)
+        if fut is None:
+            fut = asyncio.ensure_future(self._fetch(key))
+            self._inflight[key] = fut
+            fut.add_done_callback(lambda f, k=key: self._fetch_done(k, f))
+        return fut
+
+    def _fetch_done(self, key: str | None, fut: asyncio.Future[Credential]) -> None:
+        if self._inflight.get(key) is fut:
+            del self._inflight[key]
+        if not fut.cancelled():
+            fut.exception()  # mark retrieved: waiters (if any) got it already
+
+    async def _fetch(self, key: str | None) -> Credential:
+        old = self._cache.get(key)
+        started = self.clock()
+        try:
+            cred = await self.scheme.obtain(key)
+        except UpstreamReply:
+            self._count("error")
+            raise
+        except LoginRequired as e:
+            self._count("error")
+            if key is None:
+                self._fail(e, "login_required")
+            raise
+        except CredentialError as e:
+            self._count("error")
+            if key is None:
+                self._fail(e, "error" if e.refused else "backoff")
+            else:
+                log_event(log, logging.WARNING, "token_fetch_failed", service=self.name, key=key, error=e.message)
+            raise
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # a scheme bug must not wedge the service
+            log.exception("unexpected error obtaining a credential for %s", self.name)
+            err = CredentialError(f"internal error: {type(e).__name__}")
+            self._count("error")
+            if key is None:
+                self._fail(err, "backoff")
+            raise err from None
+        cred.key = key
+        self._count("ok")
+        self._cache[key] = cred
+        if cred.created and self.scheme.persist_created:
+            self._created[cred.token.reveal()] = cred
+            self._save_records()
+        if key is None:
+            self._failures = 0
+            self._error = None
+            self._error_state = None
+            self._wake.set()
+        log_event(
+            log,
+            logging.INFO,
+            "token_fetched" if old is None else "token_refreshed",
+            service=self.name,
+            key=key,
+            expires_in=None if cred.expires_at is None else round(cred.expires_at - self.clock()),
+            duration_ms=round((self.clock() - started) * 1000, 1),
+        )
+        if old is not None and old is not cred:
+            self._retire(old)
+        return cred
+
+    def _fail(self, e: CredentialError, state: str) -> None:
+        self._failures += 1
+        self._error = e.message
+        self._error_state = state
+        if state == "login_required":
+            self._retry_at = 0.0
+            log_event(log, logging.WARNING, "login_required", service=self.name, error=e.message)
+        else:
+            delay = backoff_delay(self._failures, e.refused)
+            self._retry_at = self.clock() + delay
+            log_event(
+                log,
+                logging.WARNING,
+                "token_backoff",
+                service=self.name,
+                state=state,
+                retry_in=round(delay, 1),
+                failures=self._failures,
+                error=e.message,
+            )
+        self._wake.set()
+
+    def _count(self, result: str) -> None:
+        if self.metrics is not None:
+            self.metrics.token_fetch(self.name, result)
+
+    def _retire(self, old: Credential) -> None:
+        """A credential replaced while still valid: revoke it now if authproxy made it
+        and the scheme wants that (an idle valid token is a liability)."""
+        token = old.token.reveal()
+        if token not in self._created:
+            return
+        still_valid = old.expires_at is None or old.expires_at > self.clock()
+        if not (self.scheme.revoke_replaced and still_valid):
+            if not still_valid:
+                self._created.pop(token, None)
+                self._save_records()
+            return
+
+        async def run() -> None:
+            try:
+                await self.scheme.revoke(old)
+                self._created.pop(token, None)
+                self._save_records()
+                log_event(log, logging.INFO, "token_revoked", service=self.name, key=old.key, reason="replaced")
+            except CredentialError as e:
+                log_event(log, logging.WARNING, "token_revoke_failed", service=self.name, key=old.key, error=e.message)
+
+        task = asyncio.ensure_future(run())
+        self._revocations.add(task)
+        task.add_done_callback(self._revocations.discard)
+
+    # ------------------------------------------------------------------ background refresh
+    def start(self) -> None:
+        """Fetch the service credential in the background now, and refresh it before it expires."""
+        if self._task is None:
+            self._task = asyncio.ensure_future(self._run())
+
+    def _next_due(self) -> float | None:
+        if self._error_state in ("backoff", "error"):
+            return self._retry_at
+        if self._error_state == "login_required":
+            return None
+        cred = self._cache.get(None)
+        if cred is None:
+            return self.clock()
+        return self._refresh_at(cred)
+
+    async def _run(self) -> None:
+        while not self._closed:
+            due = self._next_due()
+            self._wake.clear()
+            timeout = None if due is None else max(0.0, due - self.clock())
+            if timeout is None or timeout > 0:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout)
+                    continue  # something changed: recompute
+            if self._closed:
+                return
+            if None in self._inflight:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self._inflight[None])
+                continue
+            with contextlib.suppress(CredentialError, UpstreamReply):
+                await self._start_fetch(None)
+            await asyncio.sleep(0)
+
+    # ------------------------------------------------------------------ visible state
+    def status(self) -> Status:
+        cred = self._cache.get(None)
+        now = self.clock()
+        expires_in = None if cred is None or cred.expires_at is None else max(0, round(cred.expires_at - now))
+        if self._error_state == "login_required":
+            return Status("login_required", expires_in, self._error)
+        if cred is not None:
+            return Status("ready", expires_in, self._error)
+        if self._error_state:
+            return Status(self._error_state, None, self._error)
+        return Status("pending", None, None)
+
+    def _unavailable_message(self) -> str:
+        return f"{self.name}: no credential ({self._error or 'still being fetched'}); retrying"
+
+    def _login_message(self, e: CredentialError) -> str:
+        return f"{self.name} needs a person to log in: run `authproxy login {self.name}` ({e.message})"
+
+    # ------------------------------------------------------------------ persistence of created credentials
+    def _load_records(self) -> None:
+        if not self.scheme.persist_created:
+            return
+        try:
+            doc = self.scheme.ctx.store.get(RECORDS) or {}
+        except StateError as e:
+            log_event(log, logging.WARNING, "state_unreadable", service=self.name, error=str(e))
+            return
+        if doc.get("identity") != self._identity:
+            if doc.get("credentials"):
+                log_event(log, logging.WARNING, "state_ignored", service=self.name, reason="made for another configuration")
+            return
+        now = self.clock()
+        newest: dict[str | None, Credential] = {}
+        for rec in doc.get("credentials", []):
+            try:
+                cred = Credential.from_record(rec)
+            except (KeyError, TypeError, ValueError):
+                continue
+            if cred.expires_at is not None and cred.expires_at <= now:
+                continue
+            self._created[cred.token.reveal()] = cred
+            best = newest.get(cred.key)
+            if best is None or cred.obtained_at > best.obtained_at:
+                newest[cred.key] = cred
+        for key, cred in newest.items():
+            self._cache[key] = cred
+        if newest:
+            log_event(log, logging.INFO, "state_reused", service=self.name, credentials=len(newest))
+
+    def _save_records(self) -> None:
+        if not self.scheme.persist_created:
+            return
+        now = self.clock()
+        records = [c.to_record() for c in self._created.values() if c.expires_at is None or c.expires_at > now]
+        try:
+            if records:
+                self.scheme.ctx.store.put(RECORDS, {"identity": self._identity, "credentials": records})
+            else:
+                self.scheme.ctx.store.delete(RECORDS)
+        except StateError as e:
+            log_event(log, logging.ERROR, "state_write_failed", service=self.name, error=str(e))
+
+    # ------------------------------------------------------------------ shutdown and logout
+    async def revoke_created(self) -> int:
+        """Revoke every still-valid credential authproxy created; returns how many."""
+        now = self.clock()
+        todo = [c for c in self._created.values() if c.expires_at is None or c.expires_at > now]
+        done = 0
+
+        async def one(cred: Credential) -> None:
+            nonlocal done
+            try:
+                await self.scheme.revoke(cred)
+            except CredentialError as e:
+                log_event(log, logging.WARNING, "token_revoke_failed", service=self.name, key=cred.key, error=e.message)
+                return
+            done += 1
+            self._created.pop(cred.token.reveal(), None)
+            if self._cache.get(cred.key) is cred:
+                del self._cache[cred.key]
+
+        try:
+            await asyncio.gather(*(one(c) for c in todo))
+        finally:
+            self._save_records()
+        if todo:
+            log_event(log, logging.INFO, "tokens_revoked", service=self.name, revoked=done, of=len(todo))
+        return done
+
+    async def stop(self) -> None:
+        """Stop the background refresh and pending fetches (the credentials stay recorded)."""
+        self._closed = True
+        self._wake.set()
+        tasks = [t for t in (self._task, *self._inflight.values(), *self._revocations) if t is not None]
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(BaseException):
+                await t
+        self._task = None
+
+    async def shutdown(self) -> None:
+        """At exit: stop, then revoke what the scheme revokes at exit."""
+        await self.stop()
+        if self.scheme.revoke_on_exit:
+            await self.revoke_created()
+        await self.scheme.close()
+
+    async def logout(self) -> int:
+        await self.stop()
+        n = await self.revoke_created()
+        await self.scheme.logout()
+        self._cache.clear()
+        self._created.clear()
+        self.scheme.ctx.store.delete(RECORDS)
+        return n

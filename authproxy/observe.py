@@ -1,0 +1,168 @@
+"""Metrics and logs: what an operator sees of authproxy.
+
+Logs are events with fields (``event=token_fetched service=x expires_in=3600``),
+written as text for people or JSON lines for collectors, always to stderr.
+Field values go through :func:`_render`, which prints a :class:`Secret` as ``***``
+so that no code path can log a credential by accident.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from authproxy.secret import Secret
+
+# --------------------------------------------------------------------------- metrics
+
+DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+
+
+class Metrics:
+    """The metrics of one proxy process, on a registry of its own (so tests and the
+    demo can run several proxies in one process)."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._requests = Counter(
+            "authproxy_requests_total",
+            "Requests answered, by service and HTTP status (the proxy's own errors included).",
+            ["service", "code"],
+            registry=self.registry,
+        )
+        self._duration = Histogram(
+            "authproxy_request_duration_seconds",
+            "Time from receiving a request to the end of its response.",
+            ["service"],
+            buckets=DURATION_BUCKETS,
+            registry=self.registry,
+        )
+        self._fetches = Counter(
+            "authproxy_token_fetches_total",
+            "Credential requests made upstream, by result.",
+            ["service", "result"],
+            registry=self.registry,
+        )
+        self._retries = Counter(
+            "authproxy_auth_retries_total",
+            "Requests replayed after the upstream rejected their credential.",
+            ["service"],
+            registry=self.registry,
+        )
+        self._ready = Gauge(
+            "authproxy_service_ready",
+            "1 when the service has a usable credential, else 0.",
+            ["service"],
+            registry=self.registry,
+        )
+        # labels() costs a lock and a dict lookup keyed by tuples; the hot path caches children.
+        self._req_children: dict[tuple[str, int], Any] = {}
+        self._dur_children: dict[str, Any] = {}
+
+    def request(self, service: str, code: int, seconds: float) -> None:
+        child = self._req_children.get((service, code))
+        if child is None:
+            child = self._req_children[(service, code)] = self._requests.labels(service, str(code))
+        child.inc()
+        dur = self._dur_children.get(service)
+        if dur is None:
+            dur = self._dur_children[service] = self._duration.labels(service)
+        dur.observe(seconds)
+
+    def token_fetch(self, service: str, result: str) -> None:
+        self._fetches.labels(service, result).inc()
+
+    def auth_retry(self, service: str) -> None:
+        self._retries.labels(service).inc()
+
+    def set_ready(self, service: str, ready: bool) -> None:
+        self._ready.labels(service).set(1 if ready else 0)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+# --------------------------------------------------------------------------- logs
+
+
+def log_event(logger: logging.Logger, level: int, event: str, **fields: Any) -> None:
+    """Log an event with fields; costs one check when the level is off."""
+    if logger.isEnabledFor(level):
+        logger.log(level, event, extra={"fields": fields})
+
+
+def _render(value: Any) -> Any:
+    if isinstance(value, Secret):
+        return "***"
+    if isinstance(value, float):
+        return round(value, 3)
+    return value
+
+
+class TextFormatter(logging.Formatter):
+    """``2026-11-25T18:06:22.123Z INFO  event key=value …`` — one line, grep-able."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
+        fields = getattr(record, "fields", None)
+        parts = [ts, f"{record.levelname:<5}", record.getMessage() if fields is None else record.msg]
+        if fields:
+            for k, v in fields.items():
+                if v is None:
+                    continue
+                v = _render(v)
+                s = str(v)
+                if not s or any(c in s for c in ' "=\n'):
+                    s = json.dumps(s)
+                parts.append(f"{k}={s}")
+        line = " ".join(parts)
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line: ts, level, event, then the event's fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields = getattr(record, "fields", None)
+        doc: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "event": record.msg if fields is not None else "message",
+            "logger": record.name,
+        }
+        if fields is None:
+            doc["message"] = record.getMessage()
+        else:
+            for k, v in fields.items():
+                if v is not None:
+                    doc[k] = _render(v)
+        if record.exc_info:
+            doc["exception"] = self.formatException(record.exc_info)
+        return json.dumps(doc, default=str)
+
+
+def setup_logging(level: str = "info", fmt: str = "text", stream: Any = None) -> None:
+    root = logging.getLogger("authproxy")
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    root.propagate = False
+    # aiohttp's own loggers speak plain messages; route their warnings through ours.
+    for name in ("aiohttp.server", "aiohttp.web", "aiohttp.client", "asyncio"):
+        lg = logging.getLogger(name)
+        lg.handlers = [handler]
+        lg.setLevel(logging.WARNING)
+        lg.propagate = False

@@ -1,0 +1,360 @@
+"""The proxy process: listeners, the request pipeline, reserved endpoints, reload, shutdown.
+
+It uses aiohttp's low-level server (no router, no middleware chain): a request
+goes guard → router → forwarder in straight-line code, which is both the
+cheapest path per request and the easiest to read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import stat
+import time
+from typing import Any, Iterable
+from urllib.parse import parse_qsl
+
+from aiohttp import web
+
+from authproxy import systemd
+from authproxy.config import Config, ConfigError, ServiceConfig, load_config
+from authproxy.observe import Metrics, log_event, setup_logging
+from authproxy.proxy.errors import ProxyError, error_response
+from authproxy.proxy.forward import HOP_BY_HOP, Forwarder, _Passthrough
+from authproxy.proxy.guard import Guard
+from authproxy.proxy.routing import Router
+from authproxy.runtime import ServiceRuntime
+from authproxy.secret import mask_url
+from authproxy.state import StateDir
+
+log = logging.getLogger("authproxy.proxy")
+access = logging.getLogger("authproxy.access")
+
+REVOKE_BUDGET = 5.0  # seconds for all logoff/expire steps at shutdown
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
+NOT_READY = ("backoff", "login_required", "error")
+
+
+class ProxyServer:
+    def __init__(self, config: Config, metrics: Metrics | None = None) -> None:
+        self.config = config
+        self.metrics = metrics or Metrics()
+        self.runtimes: dict[str, ServiceRuntime] = {}
+        self.forwarders: dict[str, Forwarder] = {}
+        self.router: Router[Forwarder] = Router([])
+        self.guard = Guard(config.inbound, config.listen)
+        self._runner: web.ServerRunner | None = None
+        self._sites: list[web.BaseSite] = []
+        self._inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._retiring: set[asyncio.Task[None]] = set()
+        self._secret_params: frozenset[str] = frozenset()
+        self.stopping = False
+
+    # ------------------------------------------------------------------ building
+    def _build(self, config: Config, keep: dict[str, ServiceRuntime]) -> dict[str, ServiceRuntime]:
+        state = StateDir(config.state_dir)
+        runtimes: dict[str, ServiceRuntime] = {}
+        for name, svc in config.services.items():
+            runtimes[name] = keep.get(name) or ServiceRuntime(svc, state, self.metrics)
+        return runtimes
+
+    def _install(self, config: Config, runtimes: dict[str, ServiceRuntime]) -> None:
+        self.config = config
+        self.runtimes = runtimes
+        self.forwarders = {n: self.forwarders.get(n) if self.forwarders.get(n) and self.forwarders[n].rt is rt else Forwarder(rt, self.metrics) for n, rt in runtimes.items()}  # type: ignore[misc]
+        self.router = Router((f.prefix, f) for f in self.forwarders.values())
+        self.guard = Guard(config.inbound, config.listen)
+        self._secret_params = frozenset(p for rt in runtimes.values() for p in rt.scheme.secret_params)
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        self._install(self.config, self._build(self.config, {}))
+        server = web.Server(self.handle, access_log=None, handler_cancellation=False)
+        self._runner = web.ServerRunner(server, handle_signals=False, access_log=None)
+        await self._runner.setup()
+        listen = self.config.listen
+        inherited = systemd.listen_fds() if os.environ.get("LISTEN_FDS") else []
+        if inherited:
+            for sock in inherited:
+                self._sites.append(web.SockSite(self._runner, sock))
+        elif listen.kind == "unix":
+            _clear_stale_socket(listen.path)
+            self._sites.append(web.UnixSite(self._runner, listen.path))
+        else:
+            self._sites.append(web.TCPSite(self._runner, listen.host, listen.port, reuse_address=True, backlog=1024))
+        for site in self._sites:
+            await site.start()
+        if listen.kind == "unix" and not inherited:
+            os.chmod(listen.path, 0o660)
+        for rt in self.runtimes.values():
+            rt.creds.start()
+        log_event(log, logging.INFO, "listening", address=", ".join(self.addresses()), services=len(self.runtimes))
+        systemd.notify("READY=1", f"STATUS=serving {len(self.runtimes)} services")
+
+    def addresses(self) -> list[str]:
+        out: list[str] = []
+        for site in self._sites:
+            server = getattr(site, "_server", None)
+            for sock in getattr(server, "sockets", None) or ():
+                addr = sock.getsockname()
+                if isinstance(addr, tuple):
+                    host = f"[{addr[0]}]" if ":" in addr[0] else addr[0]
+                    out.append(f"{host}:{addr[1]}")
+                else:
+                    out.append(f"unix:{addr}")
+        return out
+
+    @property
+    def port(self) -> int:
+        """The bound TCP port (for listen ports given as 0)."""
+        for a in self.addresses():
+            if not a.startswith("unix:"):
+                return int(a.rsplit(":", 1)[1])
+        raise RuntimeError("not listening on TCP")
+
+    async def reload(self, path: str) -> bool:
+        """SIGHUP: apply a new config; services whose resolved config is unchanged keep
+        their credentials. An invalid file changes nothing."""
+        systemd.reloading()
+        try:
+            try:
+                new = await asyncio.to_thread(load_config, path)
+            except ConfigError as e:
+                log_event(log, logging.ERROR, "reload_failed", config=path, errors=e.errors)
+                return False
+            if new.listen != self.config.listen:
+                log_event(log, logging.WARNING, "reload_listen_ignored", reason="changing listen needs a restart", listen=str(self.config.listen))
+            new = _replace_listen(new, self.config.listen)
+            keep = {n: rt for n, rt in self.runtimes.items() if n in new.services and new.services[n] == rt.config and new.state_dir == self.config.state_dir}
+            old = self.runtimes
+            runtimes = self._build(new, keep)
+            self._install(new, runtimes)
+            setup_logging(new.log.level, new.log.format)
+            for name, rt in runtimes.items():
+                if name not in keep:
+                    rt.creds.start()
+            for name, rt in old.items():
+                if runtimes.get(name) is not rt:
+                    self._retire(rt)
+            changed = sorted(n for n in runtimes if n not in keep)
+            removed = sorted(n for n in old if n not in runtimes)
+            log_event(log, logging.INFO, "reloaded", config=path, kept=len(keep), started=",".join(changed) or None, stopped=",".join(removed) or None)
+            return True
+        finally:
+            systemd.notify("READY=1")
+
+    def _retire(self, rt: ServiceRuntime) -> None:
+        async def run() -> None:
+            await rt.wait_idle(self.config.shutdown_timeout)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(rt.close(revoke=True), REVOKE_BUDGET)
+
+        task = asyncio.ensure_future(run())
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def shutdown(self) -> None:
+        """Stop accepting, let in-flight requests finish (bounded), revoke (bounded), close."""
+        self.stopping = True
+        systemd.notify("STOPPING=1")
+        log_event(log, logging.INFO, "stopping", inflight=self._inflight)
+        for site in self._sites:
+            server = getattr(site, "_server", None)
+            if server is not None:
+                server.close()  # stop accepting; established connections go on
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), self.config.shutdown_timeout)
+        if self._inflight:
+            log_event(log, logging.WARNING, "shutdown_timeout", abandoned=self._inflight)
+        if self._runner is not None:
+            with contextlib.suppress(asyncio.TimeoutError, Exception):
+                await asyncio.wait_for(self._runner.cleanup(), 2.0)
+        all_rts = list(self.runtimes.values())
+        for t in list(self._retiring):
+            t.cancel()
+        try:
+            await asyncio.wait_for(asyncio.gather(*(rt.creds.shutdown() for rt in all_rts), return_exceptions=True), REVOKE_BUDGET)
+        except asyncio.TimeoutError:
+            log_event(log, logging.WARNING, "revoke_timeout", budget=REVOKE_BUDGET)
+        for rt in all_rts:
+            with contextlib.suppress(Exception):
+                await rt.session.close()
+        if self.config.listen.kind == "unix":
+            with contextlib.suppress(OSError):
+                os.unlink(self.config.listen.path)
+        log_event(log, logging.INFO, "stopped")
+
+    # ------------------------------------------------------------------ the request pipeline
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        started = time.perf_counter()
+        self._inflight += 1
+        self._idle.clear()
+        raw = request.raw_path
+        rid = request.headers.get("X-Request-Id")
+        if rid is None or not _REQUEST_ID.match(rid):
+            rid = os.urandom(8).hex()
+        service: str | None = None
+        status = 500
+        try:
+            if raw.startswith("/-/"):
+                resp = await self._reserved(request, raw)
+            else:
+                Guard.check_target(raw)
+                headers = request.headers
+                guard = self.guard
+                guard.check_host(headers)
+                guard.check_origin(headers)
+                guard.check_key(headers)
+                path, _, query = raw.partition("?")
+                match = self.router.match(path)
+                if match is None:
+                    raise ProxyError("no_route", "no service is configured for this path")
+                fwd, rest = match
+                service = fwd.name
+                rt = fwd.rt
+                rt.enter()
+                try:
+                    resp = await fwd.forward(request, rest, query, rid)
+                finally:
+                    rt.leave()
+            status = resp.status
+            return resp
+        except ProxyError as e:
+            service = service or e.service
+            resp = error_response(e)
+            resp.headers["X-Request-Id"] = rid
+            status = resp.status
+            return resp
+        except _Passthrough as e:
+            r = e.reply
+            headers = {k: v for k, v in r.headers.items() if k.lower() not in HOP_BY_HOP and k.lower() != "content-length"}
+            resp = web.Response(status=r.status, body=r.body, headers=headers)
+            status = r.status
+            return resp
+        finally:
+            elapsed = time.perf_counter() - started
+            self.metrics.request(service or "-", status, elapsed)
+            if access.isEnabledFor(logging.INFO):
+                access.info(
+                    "request",
+                    extra={
+                        "fields": {
+                            "request_id": rid,
+                            "client": request.remote,
+                            "method": request.method,
+                            "path": mask_url(raw, self._secret_params),
+                            "service": service,
+                            "status": status,
+                            "duration_ms": round(elapsed * 1000, 2),
+                        }
+                    },
+                )
+            self._inflight -= 1
+            if self._inflight == 0:
+                self._idle.set()
+
+    async def _reserved(self, request: web.BaseRequest, raw: str) -> web.StreamResponse:
+        path, _, query = raw.partition("?")
+        if request.method not in ("GET", "HEAD"):
+            raise ProxyError("bad_request", f"{path} answers GET only")
+        if path == "/-/healthz":
+            return _json(200, {"status": "ok"})
+        if path.startswith("/-/callback/"):
+            self.guard.check_host(request.headers)
+            name = path[len("/-/callback/"):]
+            rt = self.runtimes.get(name)
+            if rt is None:
+                raise ProxyError("no_route", "no such service", name)
+            status, text = await rt.scheme.callback(dict(parse_qsl(query, keep_blank_values=True)))
+            return web.Response(status=status, text=text, content_type="text/html", headers={"Cache-Control": "no-store"})
+        self.guard.check_origin(request.headers)
+        self.guard.check_key(request.headers)
+        if path == "/-/readyz":
+            services: dict[str, Any] = {}
+            ready = True
+            for name, rt in self.runtimes.items():
+                st = rt.creds.status()
+                services[name] = {"state": st.state, "expires_in": st.expires_in, "last_error": st.last_error}
+                ready = ready and st.state not in NOT_READY
+            return _json(200 if ready and not self.stopping else 503, {"services": services})
+        if path == "/-/metrics":
+            for name, rt in self.runtimes.items():
+                self.metrics.set_ready(name, rt.creds.status().state == "ready")
+            return web.Response(body=self.metrics.render(), headers={"Content-Type": self.metrics.content_type})
+        raise ProxyError("no_route", f"{path} is not an authproxy endpoint")
+
+
+def _json(status: int, doc: Any) -> web.Response:
+    return web.Response(status=status, body=json.dumps(doc).encode(), content_type="application/json", headers={"Cache-Control": "no-store"})
+
+
+def _replace_listen(cfg: Config, listen: Any) -> Config:
+    import dataclasses
+
+    return dataclasses.replace(cfg, listen=listen)
+
+
+def _clear_stale_socket(path: str) -> None:
+    """Remove a socket file left by a crashed run — but never one a live process serves."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise OSError(f"{path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)
+    else:
+        raise OSError(f"{path} is in use by another process")
+    finally:
+        probe.close()
+
+
+async def serve(config: Config, config_path: str, stop: asyncio.Event | None = None) -> int:
+    """Run until SIGTERM/SIGINT; SIGHUP reloads. Returns the exit code."""
+    server = ProxyServer(config)
+    try:
+        await server.start()
+    except OSError as e:
+        log_event(log, logging.ERROR, "listen_failed", listen=str(config.listen), error=e.strerror or str(e))
+        await server.shutdown()
+        return 1
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    reloads: set[asyncio.Task[bool]] = set()
+
+    def on_hup() -> None:
+        t = asyncio.ensure_future(server.reload(config_path))
+        reloads.add(t)
+        t.add_done_callback(reloads.discard)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+    log_event(log, logging.INFO, "signal_received", action="shutdown")
+    budget = config.shutdown_timeout + REVOKE_BUDGET + 5
+    try:
+        await asyncio.wait_for(server.shutdown(), budget)
+    except asyncio.TimeoutError:
+        log_event(log, logging.WARNING, "shutdown_forced", after=budget)
+    return 0
+
+
+def iter_services(config: Config) -> Iterable[ServiceConfig]:
+    return config.services.values()

@@ -1,0 +1,342 @@
+"""Forwarding one request to its service's upstream, with the credential applied.
+
+The forwarder never knows how a credential was obtained: it asks the service's
+credential manager for one, lets the scheme apply it, streams the request and
+the response, and when the scheme recognises a rejection it drops the
+credential and replays the request once (if its body was kept).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, AsyncIterator
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from authproxy.credentials import Unavailable
+from authproxy.observe import log_event
+from authproxy.proxy.errors import ProxyError
+from authproxy.schemes.base import Credential, Forbidden, Outgoing, Scheme, UpstreamReply
+from authproxy.secret import SECRET_PARAMS
+
+if TYPE_CHECKING:
+    from authproxy.observe import Metrics
+    from authproxy.runtime import ServiceRuntime
+
+log = logging.getLogger("authproxy.proxy")
+
+# RFC 9110 §7.6.1, plus the proxy-only headers of RFC 9110 §11.7.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-authorization",
+        "proxy-authenticate",
+    }
+)
+# Request headers the proxy itself consumes or sets.
+_REQUEST_DROP = HOP_BY_HOP | {
+    "host",
+    "content-length",
+    "expect",
+    "x-authproxy-key",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+}
+_SKIP_AUTO = frozenset({"User-Agent", "Accept-Encoding", "Content-Type"})
+STREAM_CHUNK = 256 * 1024
+ON_BEHALF_OF = "X-Authproxy-On-Behalf-Of"
+
+
+def _connection_named(headers: "CIMultiDict[str] | web.BaseRequest") -> frozenset[str]:
+    values = headers.getall("Connection", ())  # type: ignore[union-attr]
+    if not values:
+        return frozenset()
+    return frozenset(t.strip().lower() for v in values for t in v.split(",") if t.strip())
+
+
+def strip_params(query: str, names: frozenset[str], values: frozenset[str]) -> str:
+    from urllib.parse import unquote_plus
+
+    kept = []
+    for part in query.split("&"):
+        name, _, value = part.partition("=")
+        if unquote_plus(name).lower() in names or (value and unquote_plus(value) in values):
+            continue
+        kept.append(part)
+    return "&".join(kept)
+
+
+class Forwarder:
+    def __init__(self, rt: "ServiceRuntime", metrics: "Metrics | None") -> None:
+        cfg = rt.config
+        self.rt = rt
+        self.name = rt.name
+        self.scheme = rt.scheme
+        self.creds = rt.creds
+        self.session = rt.session
+        self.metrics = metrics
+        self.prefix = cfg.prefix
+        self.base_path = cfg.upstream.base_path
+        self.base_url = cfg.upstream.url
+        self.upstream = cfg.upstream
+        self.max_replay = cfg.max_replay_body
+        self.drop = _REQUEST_DROP | {h.lower() for h in rt.scheme.strip_headers()}
+        self.secret_names = SECRET_PARAMS | {p.lower() for p in rt.scheme.secret_params}
+        self.origin = cfg.upstream.origin
+        # Only schemes that pick a credential per request (on-behalf-of) pay for asking.
+        self.wants_key = type(rt.scheme).credential_key is not Scheme.credential_key
+
+    # ------------------------------------------------------------------ request side
+    def _headers(self, request: web.BaseRequest, request_id: str) -> CIMultiDict[str]:
+        drop = self.drop
+        named = _connection_named(request.headers)  # type: ignore[arg-type]
+        out: CIMultiDict[str] = CIMultiDict()
+        for k, v in request.headers.items():
+            lk = k.lower()
+            if lk in drop or lk in named:
+                continue
+            out.add(k, v)
+        remote = request.remote or ""
+        prior = request.headers.getall("X-Forwarded-For", ())
+        if prior or remote:
+            out["X-Forwarded-For"] = ", ".join([*prior, remote] if remote else prior)
+        out["X-Forwarded-Proto"] = request.scheme
+        host = request.headers.get("Host")
+        if host:
+            out["X-Forwarded-Host"] = host
+        out["X-Request-Id"] = request_id
+        return out
+
+    async def _read_body(self, request: web.BaseRequest) -> tuple[bytes | None, object | None, bool]:
+        """→ (kept body, data to send, replayable). Bodies up to ``max_replay_body`` are
+        kept; larger ones stream through without ever being held in memory."""
+        if not request.body_exists:
+            return None, None, True
+        if request.headers.get("Expect", "").lower() == "100-continue" and request.version >= (1, 1):
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        content = request.content
+        length = request.content_length
+        try:
+            if length is not None:
+                if length <= self.max_replay:
+                    body = await content.readexactly(length) if length else b""
+                    return body, body, True
+                return None, content, False
+            # Chunked: read up to the limit; past it, send what was read and stream the rest.
+            parts: list[bytes] = []
+            size = 0
+            while size <= self.max_replay:
+                chunk = await content.readany()
+                if not chunk:
+                    body = b"".join(parts)
+                    return body, body, True
+                parts.append(chunk)
+                size += len(chunk)
+            return None, _prepend(parts, content), False
+        except (asyncio.IncompleteReadError, aiohttp.ClientPayloadError, ConnectionError) as e:
+            raise ProxyError("bad_request", "the request body ended before its declared length", self.name) from e
+
+    # ------------------------------------------------------------------ the exchange
+    async def forward(self, request: web.BaseRequest, rest: str, query: str, request_id: str) -> web.StreamResponse:
+        name = self.name
+        key = None
+        if self.wants_key:
+            try:
+                key = self.scheme.credential_key(request.headers)
+            except Forbidden as e:
+                raise ProxyError(e.code, e.message, name) from None
+        elif ON_BEHALF_OF in request.headers:
+            raise ProxyError("obo_forbidden", f"service {name} does not issue on-behalf-of tokens", name)
+        headers = self._headers(request, request_id)
+        body, data, replayable = await self._read_body(request)
+        if body is None and data is not None and request.content_length is not None:
+            headers["Content-Length"] = str(request.content_length)  # stream it with its length, not chunked
+        method = request.method
+        path = self.base_path + rest if rest else (self.base_path or "/")
+        attempt = 0
+        while True:
+            cred = await self._credential(key)
+            out = Outgoing(headers=headers.copy() if replayable else headers, query=query, body=body, method=method, path=path)
+            self.scheme.apply(out, cred)
+            url = URL(f"{self.origin}{out.path}?{out.query}" if out.query else f"{self.origin}{out.path}", encoded=True)
+            try:
+                resp = await self.session.request(
+                    method,
+                    url,
+                    headers=out.headers,
+                    data=out.body if out.body is not None else data,
+                    allow_redirects=False,
+                    skip_auto_headers=_SKIP_AUTO,
+                    compress=None,
+                    chunked=None,
+                )
+            except asyncio.TimeoutError:
+                raise ProxyError("upstream_timeout", f"{self.upstream.origin} did not answer in time", name) from None
+            except aiohttp.ClientPayloadError:
+                raise ProxyError("bad_request", "the request body could not be read", name) from None
+            except (aiohttp.ClientError, OSError) as e:
+                raise ProxyError("upstream_unreachable", f"cannot reach {self.upstream.origin}: {_why(e)}", name) from None
+            try:
+                small: bytes | None = None
+                rest_stream: AsyncIterator[bytes] | None = None
+                if self.scheme.rejection_needs_body(resp.status, resp.headers):
+                    small, rest_stream = await self._peek(resp)
+                if self.scheme.is_rejection(resp.status, resp.headers, small if rest_stream is None else None):
+                    self.creds.rejected(cred)
+                    if replayable and attempt == 0:
+                        attempt += 1
+                        if self.metrics is not None:
+                            self.metrics.auth_retry(name)
+                        resp.release()
+                        continue
+                return await self._respond(request, resp, cred, small, rest_stream)
+            finally:
+                resp.release()
+
+    async def _credential(self, key: str | None) -> Credential:
+        try:
+            return await self.creds.get(key)
+        except Unavailable as e:
+            raise ProxyError(e.code, e.message, self.name, retry_after=e.retry_after) from None
+        except UpstreamReply as e:
+            raise _Passthrough(e) from None
+
+    async def _peek(self, resp: aiohttp.ClientResponse) -> tuple[bytes, AsyncIterator[bytes] | None]:
+        """Read a reply up to ``max_replay_body`` for the scheme to inspect; past that
+        the reply is not inspected and streams on (what was read goes first)."""
+        length = resp.content_length
+        if length is not None and length > self.max_replay:
+            return b"", _prepend([], resp.content)
+        parts: list[bytes] = []
+        size = 0
+        while True:
+            chunk = await resp.content.readany()
+            if not chunk:
+                return b"".join(parts), None
+            parts.append(chunk)
+            size += len(chunk)
+            if size > self.max_replay:
+                return b"", _prepend(parts, resp.content)
+
+    # ------------------------------------------------------------------ response side
+    def _response_headers(self, resp: aiohttp.ClientResponse, cred: Credential) -> CIMultiDict[str]:
+        named = _connection_named(resp.headers)  # type: ignore[arg-type]
+        out: CIMultiDict[str] = CIMultiDict()
+        for k, v in resp.headers.items():
+            lk = k.lower()
+            if lk in HOP_BY_HOP or lk in named:
+                continue
+            if lk == "location":
+                v = self.rewrite_location(v, cred)
+            out.add(k, v)
+        return out
+
+    def rewrite_location(self, location: str, cred: Credential | None) -> str:
+        """A redirect into the upstream's base path is pointed back at the proxy's prefix
+        (never followed: following would carry the credential wherever it points), and
+        any credential in it is removed. Other locations are left alone."""
+        try:
+            u = URL(location, encoded=True)
+        except ValueError:
+            return location
+        up = self.upstream
+        if u.is_absolute():
+            if (u.scheme or "").lower() != up.scheme or (u.host or "").lower() != up.host.lower() or u.port != up.port:
+                return location
+        elif not location.startswith("/") or location.startswith("//"):
+            return location
+        path = u.raw_path
+        base = self.base_path
+        if base and not (path == base or path.startswith(base + "/")):
+            return location
+        tail = path[len(base):]
+        new_path = (self.prefix.rstrip("/") + tail) or "/"
+        query = u.raw_query_string
+        if query:
+            values = frozenset({cred.token.reveal()}) if cred is not None else frozenset()
+            query = strip_params(query, self.secret_names, values)
+        frag = f"#{u.raw_fragment}" if u.raw_fragment else ""
+        return new_path + (f"?{query}" if query else "") + frag
+
+    async def _respond(
+        self,
+        request: web.BaseRequest,
+        resp: aiohttp.ClientResponse,
+        cred: Credential,
+        small: bytes | None,
+        rest_stream: AsyncIterator[bytes] | None,
+    ) -> web.StreamResponse:
+        out = web.StreamResponse(status=resp.status, reason=resp.reason, headers=self._response_headers(resp, cred))
+        await out.prepare(request)
+        try:
+            if rest_stream is not None:
+                async for chunk in rest_stream:
+                    await out.write(chunk)
+            elif small is not None:
+                if small:
+                    await out.write(small)
+            else:
+                read = resp.content.readany
+                write = out.write
+                while True:
+                    chunk = await read()
+                    if not chunk:
+                        break
+                    await write(chunk)
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, asyncio.TimeoutError) as e:
+            # The upstream broke off mid-body: the client must see a broken response,
+            # not a short one that looks complete.
+            log_event(log, logging.WARNING, "upstream_body_broken", service=self.name, error=_why(e))
+            _abort(request)
+            out.broken = True  # type: ignore[attr-defined]
+            return out
+        except ConnectionError:
+            _abort(request)  # the client went away
+            out.broken = True  # type: ignore[attr-defined]
+            return out
+        await out.write_eof()
+        return out
+
+
+class _Passthrough(Exception):
+    """The credential endpoint's reply goes back to the client (see UpstreamReply)."""
+
+    def __init__(self, reply: UpstreamReply) -> None:
+        super().__init__(str(reply))
+        self.reply = reply
+
+
+def _abort(request: web.BaseRequest) -> None:
+    transport = request.transport
+    if transport is not None:
+        transport.abort()
+
+
+async def _prepend(parts: list[bytes], stream: aiohttp.StreamReader) -> AsyncIterator[bytes]:
+    for p in parts:
+        yield p
+    while True:
+        chunk = await stream.readany()
+        if not chunk:
+            return
+        yield chunk
+
+
+def _why(e: BaseException) -> str:
+    if isinstance(e, aiohttp.ClientConnectorError) and e.os_error is not None:
+        return e.os_error.strerror or str(e.os_error)
+    if isinstance(e, aiohttp.ServerDisconnectedError):
+        return "the upstream closed the connection"
+    text = str(e)
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__

@@ -1,0 +1,102 @@
+"""Who may use the proxy: the checks that run before any routing or credential.
+
+A credential-injecting listener on localhost is reachable by every web page the
+user opens (cross-site requests, DNS rebinding), so browsers are refused unless
+an operator allowed an origin, and a Host that is not ours is refused outright.
+Nothing here knows about services or schemes.
+"""
+
+from __future__ import annotations
+
+import hmac
+import re
+from typing import Mapping
+
+from authproxy.config import InboundConfig, Listen
+from authproxy.proxy.errors import ProxyError
+
+LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]", "::1"})
+KEY_HEADER = "X-Authproxy-Key"
+_DOT_SEGMENT = re.compile(r"(?:^|/)(?:\.|%2e){1,2}(?:/|$)", re.IGNORECASE)
+
+
+def split_host(value: str) -> tuple[str, str | None]:
+    """``Host`` value → (lower-case host, port or None); IPv6 keeps its brackets."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        end = value.find("]")
+        if end < 0:
+            return value, None
+        host, rest = value[: end + 1], value[end + 1 :]
+        return host, rest[1:] if rest.startswith(":") else None
+    host, sep, port = value.rpartition(":")
+    if sep and port.isdigit():
+        return host, port
+    return value, None
+
+
+class Guard:
+    def __init__(self, inbound: InboundConfig, listen: Listen) -> None:
+        self.inbound = inbound
+        allowed_any_port = set(LOCAL_HOSTS)
+        allowed_exact: set[str] = set()
+        if listen.kind == "tcp":
+            h = f"[{listen.host}]" if ":" in listen.host else listen.host
+            allowed_any_port.add(h.lower())
+        for entry in inbound.hosts:
+            host, port = split_host(entry)
+            if port is None:
+                allowed_any_port.add(host)
+            else:
+                allowed_exact.add(f"{host}:{port}")
+        self._hosts = frozenset(allowed_any_port)
+        self._hosts_exact = frozenset(allowed_exact)
+        self._origins = frozenset(o.rstrip("/").lower() for o in inbound.allow_origins)
+        self._keys = tuple(k.reveal().encode() for k in inbound.keys)
+
+    @staticmethod
+    def check_target(raw_path: str) -> None:
+        """``bad_request`` for what must never be forwarded: absolute-form or authority
+        targets, and dot-segments that could climb out of a service's base path."""
+        if not raw_path.startswith("/"):
+            raise ProxyError("bad_request", "the request target must be a path (absolute-form and authority-form are not proxied)")
+        path = raw_path.split("?", 1)[0]
+        if _DOT_SEGMENT.search(path):
+            raise ProxyError("bad_request", "the path must not contain '.' or '..' segments")
+        if "#" in raw_path or any(c in path for c in "\\\0"):
+            raise ProxyError("bad_request", "the path contains a character that is not allowed")
+
+    def check_host(self, headers: Mapping[str, str]) -> None:
+        value = headers.get("Host")
+        if value is None:
+            return  # not a browser: every browser sends Host
+        host, port = split_host(value)
+        if host in self._hosts or (port is not None and f"{host}:{port}" in self._hosts_exact):
+            return
+        raise ProxyError("host_not_allowed", "the Host header names a host this proxy does not serve; add it to inbound.hosts")
+
+    def check_origin(self, headers: Mapping[str, str]) -> None:
+        origin = headers.get("Origin")
+        if origin is not None:
+            if origin.rstrip("/").lower() in self._origins:
+                return
+            raise ProxyError("origin_forbidden", "browser requests from this origin are not allowed (see inbound.allow_origins)")
+        site = headers.get("Sec-Fetch-Site")
+        if site is not None and site.lower() in ("cross-site", "same-site"):
+            raise ProxyError("origin_forbidden", "cross-site browser requests are not allowed")
+
+    def check_key(self, headers: Mapping[str, str]) -> None:
+        if not self._keys:
+            return
+        given = headers.get(KEY_HEADER)
+        if given is not None:
+            raw = given.encode("utf-8", "surrogateescape")
+            ok = False
+            for key in self._keys:  # compare with every key, in constant time each
+                ok |= hmac.compare_digest(raw, key)
+            if ok:
+                return
+        raise ProxyError("inbound_key_required", f"this proxy requires a valid {KEY_HEADER} header")
+
+    def allows_origin_header(self, origin: str | None) -> bool:
+        return origin is not None and origin.rstrip("/").lower() in self._origins

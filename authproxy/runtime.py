@@ -1,0 +1,98 @@
+"""One configured service made live: its connection pool, scheme and credential manager.
+
+Shared by the proxy and the CLI commands (``token``, ``login``, ``logout``,
+``rotate``), so a token printed by ``authproxy token`` comes from exactly the
+code path the proxy uses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+
+import aiohttp
+
+from authproxy.config import ServiceConfig
+from authproxy.credentials import ServiceCredentials
+from authproxy.observe import Metrics
+from authproxy.schemes import SCHEMES
+from authproxy.schemes.base import Scheme, SchemeContext
+from authproxy.state import StateDir
+
+POOL_LIMIT = 512  # connections per upstream; beyond this requests queue for one
+KEEPALIVE = 30.0
+
+
+def ssl_context(ca_file: str | None) -> ssl.SSLContext:
+    """The system's trust store, plus the service's own CA bundle when it names one."""
+    ctx = ssl.create_default_context()
+    if ca_file:
+        ctx.load_verify_locations(cafile=ca_file)
+    return ctx
+
+
+def make_session(cfg: ServiceConfig, tls: ssl.SSLContext | None) -> aiohttp.ClientSession:
+    connector = aiohttp.TCPConnector(
+        limit=POOL_LIMIT,
+        limit_per_host=POOL_LIMIT,
+        keepalive_timeout=KEEPALIVE,
+        ssl=tls if tls is not None else True,
+        ttl_dns_cache=60,
+        enable_cleanup_closed=False,
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        auto_decompress=False,  # bodies pass through byte for byte
+        cookie_jar=aiohttp.DummyCookieJar(),  # an upstream's cookies are the client's business
+        timeout=aiohttp.ClientTimeout(total=cfg.timeout.total, sock_connect=cfg.timeout.connect),
+        read_bufsize=256 * 1024,
+        trust_env=False,  # never route a credential through an ambient HTTP(S)_PROXY
+    )
+
+
+class ServiceRuntime:
+    def __init__(self, cfg: ServiceConfig, state: StateDir, metrics: Metrics | None = None) -> None:
+        self.config = cfg
+        self.name = cfg.name
+        self.tls = ssl_context(cfg.ca_file) if cfg.upstream.scheme == "https" or cfg.ca_file else None
+        self.session = make_session(cfg, self.tls)
+        self.ctx = SchemeContext(
+            cfg,
+            self.session,
+            state.service(cfg.name),
+            logging.getLogger(f"authproxy.scheme.{cfg.scheme}"),
+            self.tls,
+        )
+        scheme_cls = SCHEMES[cfg.scheme]
+        self.scheme: Scheme = scheme_cls(self.ctx)
+        self.creds = ServiceCredentials(cfg.name, self.scheme, metrics)
+        self.inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def enter(self) -> None:
+        self.inflight += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self.inflight -= 1
+        if self.inflight == 0:
+            self._idle.set()
+
+    async def wait_idle(self, timeout: float) -> None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout)
+
+    async def close(self, revoke: bool = True) -> None:
+        """Stop refreshing; revoke what the scheme revokes at exit (when ``revoke``); close the pool."""
+        try:
+            if revoke:
+                await self.creds.shutdown()
+            else:
+                await self.creds.stop()
+                await self.scheme.close()
+        finally:
+            await self.session.close()
+

@@ -1,0 +1,17 @@
+"""Scheme registry: the ``auth.scheme`` name → the class that implements it.
+
+Adding a scheme is one module under ``authproxy/schemes/`` and one line here.
+"""
+
+from __future__ import annotations
+
+from authproxy.schemes.base import Scheme
+from authproxy.schemes.static import BearerScheme, HeaderScheme, QueryScheme
+
+SCHEMES: dict[str, type[Scheme]] = {
+    "bearer": BearerScheme,
+    "header": HeaderScheme,
+    "query": QueryScheme,
+}
+
+__all__ = ["SCHEMES", "Scheme"]

@@ -1,0 +1,97 @@
+"""Static credentials: a bearer token, fixed headers, or fixed query parameters.
+
+Nothing to obtain or refresh; they are schemes all the same so that the proxy
+has one code path for every service.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from authproxy.config import FieldError
+from authproxy.schemes.base import Credential, Outgoing, Scheme, set_query_param
+from authproxy.secret import Secret
+
+
+@dataclass(frozen=True)
+class BearerConfig:
+    token: Secret
+
+
+@dataclass(frozen=True)
+class HeaderConfig:
+    headers: dict[str, Secret]
+
+    def check(self) -> None:
+        if not self.headers:
+            raise FieldError("headers", "give at least one header")
+        for name in self.headers:
+            if not name or any(c in name for c in " \t\r\n:()<>@,;\\\"/[]?={}"):
+                raise FieldError("headers", f"{name!r} is not a valid header name")
+        for name, value in self.headers.items():
+            if any(c in value.reveal() for c in "\r\n\0"):
+                raise FieldError("headers", f"the value of {name} contains a line break")
+
+
+@dataclass(frozen=True)
+class QueryConfig:
+    params: dict[str, Secret]
+
+    def check(self) -> None:
+        if not self.params:
+            raise FieldError("params", "give at least one parameter")
+
+
+class BearerScheme(Scheme):
+    Config = BearerConfig
+
+    async def obtain(self, key: str | None) -> Credential:
+        return Credential(token=self.config.token)
+
+    def apply(self, out: Outgoing, cred: Credential) -> None:
+        out.headers["Authorization"] = self._value
+
+    def __init__(self, ctx) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(ctx)
+        self._value = "Bearer " + self.config.token.reveal()
+
+
+class HeaderScheme(Scheme):
+    Config = HeaderConfig
+
+    def __init__(self, ctx) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(ctx)
+        self._headers = [(k, v.reveal()) for k, v in self.config.headers.items()]
+
+    async def obtain(self, key: str | None) -> Credential:
+        return Credential(token=next(iter(self.config.headers.values())))
+
+    def apply(self, out: Outgoing, cred: Credential) -> None:
+        for name, value in self._headers:
+            out.headers[name] = value
+
+    def printable(self, cred: Credential) -> str:
+        if len(self._headers) == 1:
+            return self._headers[0][1]
+        return "\n".join(f"{k}: {v}" for k, v in self._headers)
+
+
+class QueryScheme(Scheme):
+    Config = QueryConfig
+
+    def __init__(self, ctx) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(ctx)
+        self._params = [(k, v.reveal()) for k, v in self.config.params.items()]
+        self.secret_params = tuple(self.config.params)  # type: ignore[misc]
+
+    async def obtain(self, key: str | None) -> Credential:
+        return Credential(token=next(iter(self.config.params.values())))
+
+    def apply(self, out: Outgoing, cred: Credential) -> None:
+        for name, value in self._params:
+            out.query = set_query_param(out.query, name, value)
+
+    def printable(self, cred: Credential) -> str:
+        if len(self._params) == 1:
+            return self._params[0][1]
+        return "\n".join(f"{k}={v}" for k, v in self._params)

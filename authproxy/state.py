@@ -1,0 +1,136 @@
+"""The state dir: what must survive a restart (created tokens, refresh tokens, rotated app tokens).
+
+Writes are atomic and durable — temp file, fsync, rename, fsync of the folder —
+because some of what lives here (a rotated refresh token) is the only copy of a
+credential the upstream will accept: a torn or lost write means a person has to
+log in again. The folder is 0700 and every file 0600.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+
+class StateError(Exception):
+    pass
+
+
+def _ensure_dir(path: Path) -> None:
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if path.stat().st_mode & 0o077:
+            os.chmod(path, 0o700)
+    except OSError as e:
+        raise StateError(f"cannot use the state dir {path}: {e.strerror or e}") from None
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace ``path`` by ``data`` so that a crash leaves either the old or the new file."""
+    _ensure_dir(path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class StateDir:
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    def service(self, name: str) -> "ServiceStore":
+        return ServiceStore(self.path / name)
+
+
+class ServiceStore:
+    """One service's corner of the state dir: small JSON documents by name."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def _file(self, name: str) -> Path:
+        if not name.replace("-", "").replace("_", "").isalnum():
+            raise ValueError(f"bad state document name {name!r}")
+        return self.path / f"{name}.json"
+
+    def get(self, name: str) -> Any:
+        """The stored document, or None when there is none. An unreadable document is
+        an error, not an empty one: silently dropping it could lose a refresh token."""
+        p = self._file(name)
+        try:
+            raw = p.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise StateError(f"cannot read {p}: {e.strerror or e}") from None
+        try:
+            return json.loads(raw)
+        except ValueError:
+            raise StateError(f"{p} is not valid JSON; move it away to start afresh") from None
+
+    def put(self, name: str, doc: Any) -> None:
+        try:
+            write_atomic(self._file(name), json.dumps(doc, indent=1, sort_keys=True).encode())
+        except OSError as e:
+            raise StateError(f"cannot write {self._file(name)}: {e.strerror or e}") from None
+
+    def delete(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._file(name).unlink()
+
+    def mtime(self, name: str) -> float | None:
+        try:
+            return self._file(name).stat().st_mtime_ns / 1e9
+        except OSError:
+            return None
+
+    def clear(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    @contextlib.contextmanager
+    def locked(self, name: str = "lock") -> Iterator[None]:
+        """An exclusive lock shared with other authproxy processes on the same state
+        dir (the proxy and a ``authproxy token``/``login`` run side by side)."""
+        _ensure_dir(self.path)
+        fd = os.open(self.path / f".{name}", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    @contextlib.asynccontextmanager
+    async def alocked(self, name: str = "lock"):  # type: ignore[no-untyped-def]
+        """:meth:`locked` for coroutines: waits for the lock in a thread, not on the loop."""
+        import asyncio
+
+        _ensure_dir(self.path)
+        fd = os.open(self.path / f".{name}", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
