@@ -139,7 +139,9 @@ class ProxyServer:
             self._install(new, runtimes)
             setup_logging(new.log.level, new.log.format)
             for name, rt in runtimes.items():
-                if name not in keep:
+                if name in keep:
+                    rt.scheme.on_reload()
+                else:
                     rt.creds.start()
             for name, rt in old.items():
                 if runtimes.get(name) is not rt:

@@ -322,6 +322,10 @@ class Scheme:
     async def close(self) -> None:
         """Release what the scheme holds open (listeners etc.)."""
 
+    def on_reload(self) -> None:
+        """SIGHUP with this service's config unchanged: re-read what the CLI may have
+        changed in the state dir (e.g. a rotated app token). Credentials stay."""
+
     # ---- hooks for the CLI and the running proxy (only some schemes have them)
     async def login(self, cli: "CliIO") -> None:
         """``authproxy login SERVICE``: an interactive flow run by a person."""
