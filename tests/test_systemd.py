@@ -442,8 +442,13 @@ def test_service_unit_security_score(tmp_path):
 # the real CLI under a pretend service manager
 
 
+TOKENS: dict[str, str] = {}
+
+
 def _write_config(tmp: Path, port: int, extra: str = "") -> Path:
+    """A one-service config; its generated token is in ``TOKENS[path]``."""
     cfg = tmp / "config.yaml"
+    token = TOKENS[str(cfg)] = secrets.token_urlsafe(16)
     cfg.write_text(
         f"listen: 127.0.0.1:{port}\n"
         f"state_dir: {tmp / 'state'}\n"
@@ -451,7 +456,7 @@ def _write_config(tmp: Path, port: int, extra: str = "") -> Path:
         f"services:\n"
         f"  echo:\n"
         f"    upstream: http://127.0.0.1:{_free_port()}\n"
-        f"    auth: {{scheme: bearer, token: {secrets.token_urlsafe(16)}}}\n"
+        f"    auth: {{scheme: bearer, token: {token}}}\n"
         + extra)
     return cfg
 
@@ -512,6 +517,7 @@ def test_cli_notifies_ready_reload_and_stopping(tmp_path):
         states = [line.split("=")[0] for _p, lines in lst.received for line in lines
                   if line in ("READY=1", "RELOADING=1", "STOPPING=1")]
         assert states == ["READY", "RELOADING", "READY", "STOPPING"], lst.received
+        assert TOKENS[str(cfg)] not in _logs(logs), "the token leaked into the output"
     finally:
         _stop(proc)
         lst.close()
@@ -585,4 +591,83 @@ def test_cli_uses_socket_from_activation(tmp_path):
     finally:
         _stop(proc)
         sock.close()
+        lst.close()
+
+
+# --------------------------------------------------------------------------
+# MemoryDenyWriteExecute=yes in the unit, checked for real: Linux 6.3+ offers
+# the same restriction to any process as prctl(PR_SET_MDWE), inherited across
+# execve, so the proxy can be run under it here without systemd.
+
+PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN = 65, 1
+MDWE = r"""
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+if libc.prctl(%d, %d, 0, 0, 0) != 0:
+    sys.exit(77)
+os.execv(sys.executable, [sys.executable] + sys.argv[1:])
+""" % (PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN)
+
+
+def _require_mdwe() -> None:
+    probe = subprocess.run(
+        [sys.executable, "-c", MDWE, "-c",
+         "import mmap\n"
+         "try:\n"
+         "    mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)\n"
+         "except OSError:\n"
+         "    raise SystemExit(0)\n"
+         "raise SystemExit(1)\n"],
+        capture_output=True, timeout=60)
+    if probe.returncode == 77:
+        pytest.skip("this kernel has no prctl(PR_SET_MDWE) (Linux < 6.3)")
+    assert probe.returncode == 0, "PR_SET_MDWE set but W+X mappings still allowed"
+
+
+def test_dependencies_work_under_memory_deny_write_execute():
+    """Every authproxy module imports, and the crypto the schemes use (RS256
+    and ES256 client assertions) works, with W+X memory refused."""
+    _require_mdwe()
+    code = r"""
+import importlib, pkgutil, jwt
+import authproxy
+for mod in pkgutil.walk_packages(authproxy.__path__, "authproxy."):
+    if mod.name != "authproxy.__main__":  # importing that runs the CLI
+        importlib.import_module(mod.name)
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+for alg, key in (("RS256", rsa.generate_private_key(public_exponent=65537, key_size=2048)),
+                 ("ES256", ec.generate_private_key(ec.SECP256R1()))):
+    token = jwt.encode({"iss": "x"}, key, algorithm=alg)
+    assert jwt.decode(token, key.public_key(), algorithms=[alg]) == {"iss": "x"}
+print("ok")
+"""
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = subprocess.run([sys.executable, "-c", MDWE, "-c", code], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+def test_cli_runs_under_memory_deny_write_execute(tmp_path):
+    _require_mdwe()
+    tmp = _short_dir(tmp_path)
+    port = _free_port()
+    cfg = _write_config(tmp, port)
+    notify_path = str(tmp / "notify.sock")
+    lst = NotifyListener(notify_path)
+    out, err = tmp / "stdout.log", tmp / "stderr.log"
+    proc = None
+    try:
+        with out.open("wb") as o, err.open("wb") as e:
+            proc = subprocess.Popen(
+                [sys.executable, "-c", MDWE, "-m", "authproxy", "run", "-c", str(cfg)],
+                env=_child_env(notify_path), cwd=tmp, stdout=o, stderr=e,
+                stdin=subprocess.DEVNULL)
+        logs = (out, err)
+        lst.wait_for("READY=1", time.monotonic() + STEP_TIMEOUT, proc, logs)
+        status, _ = _http_get(f"http://127.0.0.1:{port}/-/healthz")
+        assert status == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=STEP_TIMEOUT) == 0, _logs(logs)
+    finally:
+        _stop(proc)
         lst.close()
