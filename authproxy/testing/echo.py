@@ -12,6 +12,11 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from authproxy.testing import DemoService
+
 STATE: web.AppKey["EchoState"] = web.AppKey("echo_state")
 
 
@@ -106,3 +111,56 @@ def pattern_sha256(n: int) -> str:
 
 def decode(body: bytes) -> dict:
     return json.loads(body)
+
+
+def demo() -> "DemoService":
+    """The static schemes: the upstream echoes what it received, credential masked."""
+    from authproxy.testing import DemoService, TourStep
+
+    app = make_app()
+
+    def seen(header: str) -> object:
+        def show(status: int, headers: dict[str, str], body: bytes) -> str:
+            got = json.loads(body)
+            h = {k.lower(): v for k, v in got["headers"]}
+            value = h.get(header.lower())
+            masked = value[:7] + "***" if value else "(none)"
+            return f"upstream got {got['method']} {got['raw_path']} with {header}: {masked}"
+
+        return show
+
+    def show_query(status: int, headers: dict[str, str], body: bytes) -> str:
+        got = json.loads(body)
+        q = "&".join(p if not p.startswith("api_key=") else "api_key=***" for p in got["query"].split("&"))
+        return f"upstream got {got['method']} {got['path']}?{q}"
+
+    return DemoService(
+        name="static",
+        app=app,
+        config=lambda url: {"upstream": url + "/v1", "auth": {"scheme": "bearer", "token": "demo-static-token"}},
+        tour=[
+            TourStep(
+                "a static bearer token replaces whatever the client sent",
+                path="/static/items?page=2",
+                headers={"Authorization": "Bearer client-value"},
+                show=seen("Authorization"),
+            ),
+            TourStep(
+                "bodies stream through; hop-by-hop headers are dropped",
+                method="POST",
+                path="/static/upload",
+                data=b"x" * 100_000,
+                headers={"Connection": "X-Private", "X-Private": "1"},
+                show=lambda s, h, b: f"upstream got {json.loads(b)['body_size']} bytes; X-Private forwarded: "
+                + str(any(k.lower() == "x-private" for k, _ in json.loads(b)["headers"])),
+            ),
+            TourStep(
+                "a cross-site browser request is refused before anything goes upstream",
+                path="/static/items",
+                headers={"Origin": "https://evil.example"},
+                expect=403,
+            ),
+            TourStep("an unknown prefix is the proxy's own 404", path="/nope", expect=404),
+        ],
+        summary=lambda: f"{len(app[STATE].requests)} requests",
+    )
