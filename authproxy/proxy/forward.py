@@ -200,7 +200,7 @@ class Forwarder:
                             self.metrics.auth_retry(name)
                         resp.release()
                         continue
-                return await self._respond(request, resp, cred, small, rest_stream)
+                return await self._respond(request, resp, cred, small, rest_stream, request_id)
             finally:
                 resp.release()
 
@@ -276,8 +276,12 @@ class Forwarder:
         cred: Credential,
         small: bytes | None,
         rest_stream: AsyncIterator[bytes] | None,
+        request_id: str,
     ) -> web.StreamResponse:
-        out = web.StreamResponse(status=resp.status, reason=resp.reason, headers=self._response_headers(resp, cred))
+        headers = self._response_headers(resp, cred)
+        if "X-Request-Id" not in headers:
+            headers["X-Request-Id"] = request_id
+        out = web.StreamResponse(status=resp.status, reason=resp.reason, headers=headers)
         await out.prepare(request)
         try:
             if rest_stream is not None:
