@@ -84,6 +84,7 @@ class ServiceCredentials:
         self._revocations: set[asyncio.Task[None]] = set()
         self._closed = False
         self._identity = scheme.identity()
+        scheme.bind(self)
         self._load_records()
 
     # ------------------------------------------------------------------ cache helpers

@@ -326,6 +326,12 @@ class Scheme:
         """SIGHUP with this service's config unchanged: re-read what the CLI may have
         changed in the state dir (e.g. a rotated app token). Credentials stay."""
 
+    def bind(self, credentials: Any) -> None:
+        """Called once by the service's credential manager (``ServiceCredentials``). A
+        scheme whose credentials depend on each other (an on-behalf-of token is made
+        with the service's own token) keeps it to ask for that one through the
+        manager's cache, single-flight and persistence instead of fetching its own."""
+
     # ---- hooks for the CLI and the running proxy (only some schemes have them)
     async def login(self, cli: "CliIO") -> None:
         """``authproxy login SERVICE``: an interactive flow run by a person."""
