@@ -24,7 +24,7 @@ from aiohttp import web
 
 from authproxy import systemd
 from authproxy.config import Config, ConfigError, ServiceConfig, load_config
-from authproxy.observe import Metrics, log_event, setup_logging
+from authproxy.observe import Metrics, access_log, log_event, setup_logging
 from authproxy.proxy.errors import ProxyError, error_response
 from authproxy.proxy.forward import HOP_BY_HOP, Forwarder, _Passthrough
 from authproxy.proxy.guard import Guard
@@ -34,7 +34,6 @@ from authproxy.secret import mask_url
 from authproxy.state import StateDir
 
 log = logging.getLogger("authproxy.proxy")
-access = logging.getLogger("authproxy.access")
 
 REVOKE_BUDGET = 5.0  # seconds for all logoff/expire steps at shutdown
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
@@ -193,6 +192,7 @@ class ProxyServer:
             with contextlib.suppress(OSError):
                 os.unlink(self.config.listen.path)
         log_event(log, logging.INFO, "stopped")
+        access_log.flush()
 
     # ------------------------------------------------------------------ the request pipeline
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -244,21 +244,7 @@ class ProxyServer:
         finally:
             elapsed = time.perf_counter() - started
             self.metrics.request(service or "-", status, elapsed)
-            if access.isEnabledFor(logging.INFO):
-                access.info(
-                    "request",
-                    extra={
-                        "fields": {
-                            "request_id": rid,
-                            "client": request.remote,
-                            "method": request.method,
-                            "path": mask_url(raw, self._secret_params),
-                            "service": service,
-                            "status": status,
-                            "duration_ms": round(elapsed * 1000, 2),
-                        }
-                    },
-                )
+            access_log.log(rid, request.remote, request.method, mask_url(raw, self._secret_params), service, status, elapsed)
             self._inflight -= 1
             if self._inflight == 0:
                 self._idle.set()

@@ -54,7 +54,7 @@ _REQUEST_DROP = HOP_BY_HOP | {
     "x-forwarded-host",
 }
 _SKIP_AUTO = frozenset({"User-Agent", "Accept-Encoding", "Content-Type"})
-STREAM_CHUNK = 256 * 1024
+COALESCE_MAX = 64 * 1024  # replies up to this size (with a Content-Length) are read whole, then sent in one write
 ON_BEHALF_OF = "X-Authproxy-On-Behalf-Of"
 
 
@@ -167,7 +167,7 @@ class Forwarder:
         attempt = 0
         while True:
             cred = await self._credential(key)
-            out = Outgoing(headers=headers.copy() if replayable else headers, query=query, body=body, method=method, path=path)
+            out = Outgoing(headers=headers, query=query, body=body, method=method, path=path)  # apply() replaces, so a replay can reuse them
             self.scheme.apply(out, cred)
             url = URL(f"{self.origin}{out.path}?{out.query}" if out.query else f"{self.origin}{out.path}", encoded=True)
             try:
@@ -282,14 +282,24 @@ class Forwarder:
         if "X-Request-Id" not in headers:
             headers["X-Request-Id"] = request_id
         out = web.StreamResponse(status=resp.status, reason=resp.reason, headers=headers)
-        await out.prepare(request)
+        if small is None and rest_stream is None:
+            length = resp.content_length
+            if length is not None and length <= COALESCE_MAX:
+                try:
+                    small = await resp.read()
+                except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, asyncio.TimeoutError) as e:
+                    raise ProxyError("upstream_unreachable", f"{self.upstream.origin} broke off its reply: {_why(e)}", self.name) from None
         try:
+            if small is not None:
+                # A small reply goes out as one write: status line, headers and body together.
+                out._send_headers_immediately = False  # type: ignore[attr-defined]
+                await out.prepare(request)
+                await out.write_eof(small)
+                return out
+            await out.prepare(request)
             if rest_stream is not None:
                 async for chunk in rest_stream:
                     await out.write(chunk)
-            elif small is not None:
-                if small:
-                    await out.write(small)
             else:
                 read = resp.content.readany
                 write = out.write
@@ -298,16 +308,17 @@ class Forwarder:
                     if not chunk:
                         break
                     await write(chunk)
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            _abort(request)  # the client went away (writes to it raise these)
+            return out
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, asyncio.TimeoutError) as e:
             # The upstream broke off mid-body: the client must see a broken response,
             # not a short one that looks complete.
             log_event(log, logging.WARNING, "upstream_body_broken", service=self.name, error=_why(e))
             _abort(request)
-            out.broken = True  # type: ignore[attr-defined]
             return out
         except ConnectionError:
-            _abort(request)  # the client went away
-            out.broken = True  # type: ignore[attr-defined]
+            _abort(request)
             return out
         await out.write_eof()
         return out
