@@ -99,7 +99,11 @@ class NotifyListener:
             if proc is not None and proc.poll() is not None:
                 if self.pending():
                     continue  # it sent more before exiting: look at that first
-                pytest.fail(f"process exited ({proc.returncode}) before sending {state!r}; "
+                how = f"exited ({proc.returncode})"
+                if proc.returncode < 0:
+                    how = (f"was killed by {signal.Signals(-proc.returncode).name} (the default "
+                           f"action: was READY=1 sent before its handler was installed?)")
+                pytest.fail(f"process {how} before sending {state!r}; "
                             f"got {self.received!r}" + _logs(log_files))
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -526,7 +530,11 @@ def test_cli_notifies_ready_reload_and_stopping(tmp_path):
 def test_cli_failed_reload_still_returns_to_ready(tmp_path):
     """An invalid config on SIGHUP is logged and the old one kept -- and
     systemd must still get READY=1, or `systemctl reload` hangs until it
-    times out and the unit is left in "reloading"."""
+    times out and the unit is left in "reloading".
+
+    SIGHUP is sent the moment READY=1 arrives, as `systemctl start x &&
+    systemctl reload x` does: the signal handlers must be in place before
+    READY=1 is sent, or the default action (terminate) kills the service."""
     tmp = _short_dir(tmp_path)
     port = _free_port()
     cfg = _write_config(tmp, port)
