@@ -317,3 +317,45 @@ async def test_error_json_shape(upstream, proxy):
         assert r.status == 404
         assert r.headers["X-Authproxy-Error"] == "no_route"
         assert json.loads(await r.read()) == {"error": "no_route", "message": "no service is configured for this path", "service": None}
+
+
+async def test_static_rejection_is_passed_through_without_replay(upstream, proxy):
+    app = echo.make_app()
+    up = await upstream(app)
+    p = await proxy({"services": {"svc": bearer(up)}})
+    async with p.request("POST", "/svc/status/401", data=b"x") as r:
+        assert r.status == 401 and r.headers["X-Upstream"] == "echo"
+    async with p.request("GET", "/-/metrics") as r:
+        assert "authproxy_auth_retries_total{" not in await r.text()
+
+
+async def test_tls_upstream_with_ca_file(tmp_path, upstream, proxy):
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1", "localhost").configure_cert(server_ctx)
+    runner = web.AppRunner(echo.make_app(), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_ctx)
+    await site.start()
+    try:
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        ca_file = tmp_path / "ca.pem"
+        ca.cert_pem.write_to_path(str(ca_file))
+        p = await proxy(
+            {
+                "services": {
+                    "good": bearer(f"https://127.0.0.1:{port}", ca_file=str(ca_file)),
+                    "untrusted": bearer(f"https://localhost:{port}"),
+                }
+            }
+        )
+        status, got = await p.get_json("/good/x")
+        assert status == 200 and ["Authorization", "Bearer s3cr3t-static-token"] in got["headers"]
+        status, got = await p.get_json("/untrusted/x")
+        assert status == 502 and got["error"] == "upstream_unreachable"
+    finally:
+        await runner.cleanup()

@@ -7,6 +7,7 @@ has one code path for every service.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Mapping
 
 from authproxy.config import FieldError
 from authproxy.schemes.base import Credential, Outgoing, Scheme, set_query_param
@@ -42,7 +43,15 @@ class QueryConfig:
             raise FieldError("params", "give at least one parameter")
 
 
-class BearerScheme(Scheme):
+class _Static(Scheme):
+    """A static credential cannot be renewed, so a rejection is the client's answer,
+    not a reason to fetch the same value again and replay."""
+
+    def is_rejection(self, status: int, headers: Mapping[str, str], body: bytes | None) -> bool:
+        return False
+
+
+class BearerScheme(_Static):
     Config = BearerConfig
 
     async def obtain(self, key: str | None) -> Credential:
@@ -56,7 +65,7 @@ class BearerScheme(Scheme):
         self._value = "Bearer " + self.config.token.reveal()
 
 
-class HeaderScheme(Scheme):
+class HeaderScheme(_Static):
     Config = HeaderConfig
 
     def __init__(self, ctx) -> None:  # type: ignore[no-untyped-def]
@@ -76,7 +85,7 @@ class HeaderScheme(Scheme):
         return "\n".join(f"{k}: {v}" for k, v in self._headers)
 
 
-class QueryScheme(Scheme):
+class QueryScheme(_Static):
     Config = QueryConfig
 
     def __init__(self, ctx) -> None:  # type: ignore[no-untyped-def]
