@@ -290,7 +290,7 @@ class Forwarder:
                 except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, asyncio.TimeoutError) as e:
                     raise ProxyError("upstream_unreachable", f"{self.upstream.origin} broke off its reply: {_why(e)}", self.name) from None
         try:
-            if small is not None:
+            if small is not None and rest_stream is None:  # (_peek gives b"" + a stream for a large reply)
                 # A small reply goes out as one write: status line, headers and body together.
                 out._send_headers_immediately = False  # type: ignore[attr-defined]
                 await out.prepare(request)
