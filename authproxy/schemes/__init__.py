@@ -7,11 +7,13 @@ from __future__ import annotations
 
 from authproxy.schemes.base import Scheme
 from authproxy.schemes.static import BearerScheme, HeaderScheme, QueryScheme
+from authproxy.schemes.fogbugz import FogBugzScheme
 
 SCHEMES: dict[str, type[Scheme]] = {
     "bearer": BearerScheme,
     "header": HeaderScheme,
     "query": QueryScheme,
+    "fogbugz": FogBugzScheme,
 }
 
 __all__ = ["SCHEMES", "Scheme"]
