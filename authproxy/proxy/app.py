@@ -83,6 +83,7 @@ class ProxyServer:
         inherited = systemd.listen_fds() if os.environ.get("LISTEN_FDS") else []
         if inherited:
             for sock in inherited:
+                _check_inherited(sock, self.config)
                 self._sites.append(web.SockSite(self._runner, sock))
         elif listen.kind == "unix":
             _clear_stale_socket(listen.path)
@@ -134,9 +135,11 @@ class ProxyServer:
             new = _replace_listen(new, self.config.listen)
             keep = {n: rt for n, rt in self.runtimes.items() if n in new.services and new.services[n] == rt.config and new.state_dir == self.config.state_dir}
             old = self.runtimes
+            old_log = self.config.log
             runtimes = self._build(new, keep)
             self._install(new, runtimes)
-            setup_logging(new.log.level, new.log.format)
+            if new.log != old_log and access_log.stream is not None:
+                setup_logging(new.log.level, new.log.format)  # only where this process set logging up
             for name, rt in runtimes.items():
                 if name in keep:
                     rt.scheme.on_reload()
@@ -290,6 +293,25 @@ def _replace_listen(cfg: Config, listen: Any) -> Config:
     return dataclasses.replace(cfg, listen=listen)
 
 
+def _check_inherited(sock: socket.socket, config: Config) -> None:
+    """A socket passed by systemd obeys the same rule as ``listen``: serving other
+    machines needs ``inbound.allow_remote`` and inbound keys."""
+    import ipaddress
+
+    addr = sock.getsockname()
+    if not isinstance(addr, tuple):
+        return  # a unix socket
+    try:
+        loopback = ipaddress.ip_address(addr[0]).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback and not (config.inbound.allow_remote and config.inbound.keys):
+        raise OSError(
+            f"the socket passed by systemd listens on {addr[0]}, not a loopback address; "
+            "set inbound.allow_remote: true and inbound.keys to serve other machines"
+        )
+
+
 def _clear_stale_socket(path: str) -> None:
     """Remove a socket file left by a crashed run — but never one a live process serves."""
     try:
@@ -310,20 +332,23 @@ def _clear_stale_socket(path: str) -> None:
 
 
 async def serve(config: Config, config_path: str, stop: asyncio.Event | None = None) -> int:
-    """Run until SIGTERM/SIGINT; SIGHUP reloads. Returns the exit code."""
+    """Run until SIGTERM/SIGINT; SIGHUP reloads. Returns the exit code.
+
+    Signal handlers go in before the listener opens (and so before READY=1):
+    ``systemctl start x && systemctl reload x`` sends SIGHUP the moment READY=1
+    arrives, and the default action would terminate the service."""
     server = ProxyServer(config)
-    try:
-        await server.start()
-    except OSError as e:
-        log_event(log, logging.ERROR, "listen_failed", listen=str(config.listen), error=e.strerror or str(e))
-        await server.shutdown()
-        return 1
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     reloads: set[asyncio.Task[bool]] = set()
+    started = asyncio.Event()
+
+    async def reload() -> bool:
+        await started.wait()
+        return await server.reload(config_path)
 
     def on_hup() -> None:
-        t = asyncio.ensure_future(server.reload(config_path))
+        t = asyncio.ensure_future(reload())
         reloads.add(t)
         t.add_done_callback(reloads.discard)
 
@@ -331,10 +356,19 @@ async def serve(config: Config, config_path: str, stop: asyncio.Event | None = N
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     try:
+        try:
+            await server.start()
+        except OSError as e:
+            log_event(log, logging.ERROR, "listen_failed", listen=str(config.listen), error=e.strerror or str(e))
+            await server.shutdown()
+            return 1
+        started.set()
         await stop.wait()
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
+    for t in list(reloads):
+        t.cancel()
     log_event(log, logging.INFO, "signal_received", action="shutdown")
     budget = config.shutdown_timeout + REVOKE_BUDGET + 5
     try:
