@@ -7,12 +7,14 @@ from __future__ import annotations
 
 from authproxy.schemes.base import Scheme
 from authproxy.schemes.static import BearerScheme, HeaderScheme, QueryScheme
+from authproxy.schemes.app_token import AppTokenScheme
 from authproxy.schemes.fogbugz import FogBugzScheme
 
 SCHEMES: dict[str, type[Scheme]] = {
     "bearer": BearerScheme,
     "header": HeaderScheme,
     "query": QueryScheme,
+    "app_token": AppTokenScheme,
     "fogbugz": FogBugzScheme,
 }
 

@@ -1,0 +1,469 @@
+"""``App-Token`` + ``Token`` headers (Enfix LP-style REST APIs).
+
+Every request carries a long-lived application token and a user token. The user
+token comes from a form-encoded login that never says how long the token lives,
+so the configured ``token_lifetime`` stands in for an expiry and the credential
+manager logs in again ahead of it. A client may ask for a request to be made on
+behalf of another user (``X-Authproxy-On-Behalf-Of``): that user's token is
+created with the service user's token, once per user, and cached until it
+expires.
+
+Every token this scheme creates is marked ``created``: the manager records it in
+the state dir (a restart reuses it), and expires it (``PATCH {"seconds_until_expire":
+-1}``) when it is replaced early, at exit, and on ``authproxy logout``. Tokens
+authproxy was given (``token:``) are never expired.
+
+``authproxy rotate`` makes a new app token and stores it in the state dir, where
+it takes precedence over the configured one; the running proxy reads it on
+SIGHUP and before every login.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Mapping
+from urllib.parse import quote
+
+from authproxy.config import FieldError
+from authproxy.observe import log_event
+from authproxy.schemes.base import (
+    CliIO,
+    Credential,
+    CredentialError,
+    Forbidden,
+    NotSupported,
+    Outgoing,
+    Reply,
+    Scheme,
+    SchemeContext,
+    UpstreamReply,
+)
+from authproxy.secret import Secret
+from authproxy.state import StateError
+
+if TYPE_CHECKING:
+    from authproxy.credentials import ServiceCredentials
+
+ON_BEHALF_OF = "X-Authproxy-On-Behalf-Of"
+APP_TOKEN_DOC = "app_token"  # the rotated app token, in the service's corner of the state dir
+DEFAULT_APP_TOKEN_SECONDS = 31_536_000  # `rotate` without --seconds: one year
+MAX_USER_ID = 256
+MAX_SENT = 10_000  # tokens remembered per key (see _still_good); as many as the manager caches
+_HEADER_UNSAFE = ("\r", "\n", "\0")
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+@dataclass(frozen=True)
+class OboConfig:
+    """``obo:`` — on-behalf-of tokens; absent = no client may ask for one."""
+
+    allow_users: tuple[str, ...] = ()  # user ids a client may ask for; ["*"] = any
+    seconds_until_expire: int = 86400
+
+    def check(self) -> None:
+        if self.seconds_until_expire <= 0:
+            raise FieldError("seconds_until_expire", "must be greater than 0")
+        for user in self.allow_users:
+            if user != "*" and not _plausible_user_id(user):
+                raise FieldError("allow_users", f"{user!r} is not a user id (no blanks or control characters, at most {MAX_USER_ID} characters)")
+
+
+@dataclass(frozen=True)
+class AppTokenConfig:
+    app_token: Secret
+    login_path: str = "/api/v1/token/"
+    username: str | None = None
+    password: Secret | None = None
+    token: Secret | None = None  # a fixed user token instead of logging in
+    token_lifetime: float = 86400.0
+    refresh_margin: float = 300.0
+    tokens_path: str = "/api/v1/tokens/"
+    app_tokens_path: str = "/api/v1/app_tokens/"
+    obo: OboConfig | None = None
+    expire_on_exit: bool = True
+
+    def check(self) -> None:
+        if not self.app_token:
+            raise FieldError("app_token", "is empty")
+        for key in ("app_token", "token"):
+            value = getattr(self, key)
+            if value is not None and any(c in value.reveal() for c in _HEADER_UNSAFE):
+                raise FieldError(key, "contains a line break; it is sent as a header value")
+        if self.token is not None:
+            if not self.token:
+                raise FieldError("token", "is empty")
+            if self.username is not None or self.password is not None:
+                raise FieldError("token", "give either a fixed token or username and password, not both")
+        else:
+            if not self.username:
+                raise FieldError("username", "required (or give a fixed user token as token)")
+            if not self.password:
+                raise FieldError("password", "required (or give a fixed user token as token)")
+        if self.token_lifetime <= 0:
+            raise FieldError("token_lifetime", "must be greater than 0")
+        if self.refresh_margin < 0:
+            raise FieldError("refresh_margin", "must not be negative")
+        for key in ("login_path", "tokens_path", "app_tokens_path"):
+            path = getattr(self, key)
+            if not path.startswith("/") or "?" in path or "#" in path:
+                raise FieldError(key, "must be a path starting with '/', relative to the upstream (e.g. /api/v1/token/)")
+
+
+def _plausible_user_id(user: str) -> bool:
+    return 0 < len(user) <= MAX_USER_ID and user.isprintable() and not any(c.isspace() for c in user)
+
+
+# --------------------------------------------------------------------------- the scheme
+
+
+class AppTokenScheme(Scheme):
+    Config = AppTokenConfig
+    revoke_replaced = True  # a user token replaced by an early re-login is expired at once
+    persist_created = True  # created user and OBO tokens survive a restart (and kill -9)
+
+    config: AppTokenConfig
+
+    def __init__(self, ctx: SchemeContext) -> None:
+        super().__init__(ctx)
+        self._manager: "ServiceCredentials | None" = None
+        self._login_url = ctx.upstream_url(self.config.login_path)
+        self._tokens_url = ctx.upstream_url(self.config.tokens_path)
+        self._app_tokens_url = ctx.upstream_url(self.config.app_tokens_path)
+        # The app token in use: the rotated one from the state dir, else the configured one.
+        self._app_token: Secret = self.config.app_token
+        self._app_token_source = "config"
+        self._app_token_expires: float | None = None
+        self._app_token_seen: float | None = -1.0  # the state doc's mtime last read (-1: never)
+        self._app_generation = 0  # +1 each time the app token in use changes
+        self._sent: dict[str | None, tuple[Credential, int]] = {}  # key → (token last sent, with which app token)
+        self._reload_app_token(initial=True)
+
+    def bind(self, credentials: "ServiceCredentials") -> None:
+        self._manager = credentials
+
+    # ------------------------------------------------------------------ what a scheme says
+    async def obtain(self, key: str | None) -> Credential:
+        self._reload_app_token()  # a rotated app token is used from the next login on
+        kept = self._still_good(key)
+        if kept is not None:
+            return kept
+        if key is None:
+            return await self._user_token()
+        return await self._obo_token(key)
+
+    def apply(self, out: Outgoing, cred: Credential) -> None:
+        out.headers["App-Token"] = self._app_token.reveal()
+        out.headers["Token"] = cred.token.reveal()
+        if len(self._sent) > MAX_SENT:
+            self._sent.clear()
+        self._sent[cred.key] = (cred, self._app_generation)
+
+    def _still_good(self, key: str | None) -> Credential | None:
+        """A token last sent with an app token that has changed since: the 401 that
+        brought us here was the old app token's (`rotate --expire-old` under a proxy not
+        yet sent SIGHUP), so the token is still good with the new one. Reusing it saves
+        a login and leaves no valid token behind; if it fails again, it is replaced."""
+        cred, generation = self._sent.get(key, (None, self._app_generation))
+        if cred is None or generation == self._app_generation or not cred.created:
+            return None
+        if self._manager is not None and self._manager.current(key) is cred:
+            return None  # not rejected, just due for renewal: renew it
+        if cred.expires_at is not None and cred.expires_at <= time.time() + 1:
+            return None
+        self._sent[key] = (cred, self._app_generation)
+        log_event(self.ctx.log, logging.INFO, "token_kept", service=self.ctx.service.name, key=key, reason="app token changed")
+        return cred
+
+    @property
+    def revoke_on_exit(self) -> bool:
+        return self.config.expire_on_exit
+
+    def identity(self) -> str:
+        """Recorded tokens are reused only for the same upstream and user."""
+        who = f"login={self.config.login_path} user={self.config.username}" if self.config.token is None else "fixed-token"
+        return f"{self.ctx.service.upstream.url} {who}"
+
+    def credential_key(self, headers: Mapping[str, str]) -> str | None:
+        values = _all(headers, ON_BEHALF_OF)
+        if not values:
+            return None
+        name = self.ctx.service.name
+        obo = self.config.obo
+        if obo is None:
+            raise Forbidden("obo_forbidden", f"service {name} does not issue on-behalf-of tokens")
+        users = {v.strip() for v in values}
+        if len(users) != 1:
+            raise Forbidden("obo_forbidden", f"give one {ON_BEHALF_OF} header, not several")
+        user = users.pop()
+        if not _plausible_user_id(user):
+            raise Forbidden("obo_forbidden", f"{ON_BEHALF_OF} is not a user id")
+        if "*" not in obo.allow_users and user not in obo.allow_users:
+            raise Forbidden("obo_forbidden", f"service {name} may not act on behalf of user {user} (obo.allow_users)")
+        return user
+
+    def strip_headers(self) -> tuple[str, ...]:
+        return (ON_BEHALF_OF,)
+
+    async def revoke(self, cred: Credential) -> None:
+        """Expire a created user or OBO token, authenticated as itself (so expiring the
+        service user's token at exit never races the OBO tokens it made)."""
+        await self._expire(self.config.tokens_path, cred.token, auth=cred.token, app=self._app_token, what="expire token")
+
+    def on_reload(self) -> None:
+        self._reload_app_token()
+
+    # ------------------------------------------------------------------ the user token
+    async def _user_token(self) -> Credential:
+        cfg = self.config
+        if cfg.token is not None:
+            return Credential(token=cfg.token)  # given, not created: never expired by authproxy
+        assert cfg.username is not None and cfg.password is not None  # check() made sure
+        reply = await self._login(self._app_token)
+        if not reply.status // 100 == 2:
+            raise self._failure("login", reply)
+        now = time.time()
+        token = self._token_in(reply, "token", "login")
+        return Credential(token=token, expires_at=now + cfg.token_lifetime, created=True, obtained_at=now)
+
+    async def _login(self, app_token: Secret) -> Reply:
+        cfg = self.config
+        assert cfg.username is not None and cfg.password is not None
+        return await self.ctx.request(
+            "POST",
+            self._login_url,
+            what="login",
+            data={"username": cfg.username, "password": cfg.password.reveal()},
+            headers={"App-Token": app_token.reveal()},
+        )
+
+    async def _service_credential(self) -> Credential:
+        """The service user's own token, through the manager (cache, single-flight, persistence)."""
+        from authproxy.credentials import Unavailable
+
+        if self._manager is None:  # pragma: no cover - ServiceCredentials always binds
+            raise CredentialError("app_token: no credential manager bound")
+        try:
+            return await self._manager.get(None)
+        except Unavailable as e:
+            prefix = f"{self.ctx.service.name}: "
+            raise CredentialError(e.message.removeprefix(prefix)) from None
+
+    # ------------------------------------------------------------------ on-behalf-of tokens
+    async def _obo_token(self, user: str) -> Credential:
+        obo = self.config.obo
+        if obo is None:
+            raise CredentialError(f"service {self.ctx.service.name} does not issue on-behalf-of tokens")
+        body = {"seconds_until_expire": obo.seconds_until_expire, "user": user}
+        reply = await self._with_service_token("on-behalf-of token", self._tokens_url, body)
+        if reply.status // 100 == 2:
+            now = time.time()
+            token = self._token_in(reply, "token", "on-behalf-of token")
+            return Credential(token=token, expires_at=now + obo.seconds_until_expire, created=True, key=user, obtained_at=now)
+        if 400 <= reply.status < 500 and reply.status not in (401, 408, 429):
+            # The client asked for something the upstream will not do (a malformed or
+            # unknown id): its own answer goes back to the client, and nothing is cached.
+            headers = {"Content-Type": reply.headers.get("Content-Type", "application/json")}
+            raise UpstreamReply(reply.status, headers, reply.body)
+        raise self._failure("on-behalf-of token", reply)
+
+    async def _with_service_token(self, what: str, url: str, body: dict[str, Any], app: Secret | None = None) -> Reply:
+        """POST a JSON body with the service user's token; a 401 means that token died
+        upstream, so drop it, get a fresh one (one login for all waiting) and try once more."""
+        reply: Reply | None = None
+        for attempt in range(2):
+            service = await self._service_credential()
+            reply = await self.ctx.request("POST", url, what=what, json_body=body, headers=self._headers(service.token, app))
+            if reply.status != 401 or attempt or self._manager is None:
+                break
+            self._manager.rejected(service)
+        assert reply is not None
+        return reply
+
+    def _headers(self, token: Secret, app: Secret | None = None) -> dict[str, str]:
+        return {"App-Token": (app or self._app_token).reveal(), "Token": token.reveal()}
+
+    # ------------------------------------------------------------------ expiring tokens
+    async def _expire(self, base_path: str, target: Secret, *, auth: Secret, app: Secret, what: str) -> None:
+        """PATCH {base_path}{target}/ with {"seconds_until_expire": -1}. A token the
+        upstream no longer knows (404) or no longer accepts as itself (401) is dead already."""
+        raw = target.reveal()
+        quoted = quote(raw, safe="")
+        url = self.ctx.upstream_url(base_path.rstrip("/") + f"/{quoted}/")
+        try:
+            reply = await self.ctx.request(
+                "PATCH", url, what=what, json_body={"seconds_until_expire": -1}, headers=self._headers(auth, app)
+            )
+        except CredentialError as e:  # its message names the URL, which holds the token
+            raise CredentialError(self.ctx.error_text(e.message, target, quoted, auth), refused=e.refused) from None
+        if reply.status // 100 == 2 or reply.status == 404 or (reply.status == 401 and auth == target):
+            return
+        raise self._failure(what, reply, target, quoted, auth)
+
+    # ------------------------------------------------------------------ the rotated app token
+    def _reload_app_token(self, initial: bool = False) -> bool:
+        """Use the app token `authproxy rotate` stored (made for this upstream, not
+        expired), else the configured one. Cheap when nothing changed: one stat."""
+        store = self.ctx.store
+        mtime = store.mtime(APP_TOKEN_DOC)
+        lapsed = self._app_token_expires is not None and time.time() >= self._app_token_expires
+        if mtime == self._app_token_seen and not lapsed:
+            return False
+        self._app_token_seen = mtime
+        token, source, expires = self.config.app_token, "config", None
+        if mtime is not None:
+            stored = self._stored_app_token()
+            if stored is not None:
+                token, source, expires = stored
+        changed = token != self._app_token
+        self._app_token, self._app_token_source, self._app_token_expires = token, source, expires
+        if changed:
+            self._app_generation += 1
+            event = "app_token_in_use" if initial else "app_token_changed"
+            log_event(self.ctx.log, logging.INFO, event, service=self.ctx.service.name, source=source)
+        return changed and not initial
+
+    def _stored_app_token(self) -> tuple[Secret, str, float | None] | None:
+        name = self.ctx.service.name
+        try:
+            doc = self.ctx.store.get(APP_TOKEN_DOC)
+        except StateError as e:
+            log_event(self.ctx.log, logging.WARNING, "app_token_unreadable", service=name, error=str(e))
+            return None
+        if not isinstance(doc, dict) or not isinstance(doc.get("app_token"), str) or not doc["app_token"]:
+            return None
+        if doc.get("identity") != self.ctx.service.upstream.url:
+            log_event(self.ctx.log, logging.WARNING, "app_token_ignored", service=name, reason="stored for another upstream")
+            return None
+        expires = doc.get("expires_at")
+        if isinstance(expires, (int, float)) and expires <= time.time():
+            log_event(self.ctx.log, logging.WARNING, "app_token_expired", service=name, using="config")
+            return None
+        return Secret(doc["app_token"]), "state", float(expires) if isinstance(expires, (int, float)) else None
+
+    async def rotate(self, cli: CliIO, seconds: int | None, expire_old: bool) -> None:
+        """Create a new app token, prove it works, store it; with ``expire_old``, expire
+        the one it replaces. Never prints a token."""
+        seconds = DEFAULT_APP_TOKEN_SECONDS if seconds is None else seconds
+        if seconds <= 0:
+            raise NotSupported("--seconds must be greater than 0")
+        name = self.ctx.service.name
+        async with self.ctx.store.alocked(APP_TOKEN_DOC):  # one rotation at a time per state dir
+            self._reload_app_token()
+            old, old_source = self._app_token, self._app_token_source
+            new = await self._create_app_token(seconds)
+            try:
+                proof = await self._prove(new)
+            except CredentialError as e:
+                await self._discard(new, old)
+                raise CredentialError(f"the new app token did not work ({e.message}); it was expired again and not stored — the current one stays in use") from None
+            now = time.time()
+            self.ctx.store.put(
+                APP_TOKEN_DOC,
+                {"identity": self.ctx.service.upstream.url, "app_token": new.reveal(), "created_at": now, "expires_at": now + seconds},
+            )
+            self._reload_app_token()
+            until = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(now + seconds))
+            cli.say(f"{name}: created a new app token, valid for {_duration(seconds)} (until {until}); {proof}.")
+            cli.say(f"{name}: stored it in {self.ctx.store.path / (APP_TOKEN_DOC + '.json')}; it now takes precedence over the configured app_token.")
+            cli.say(f"{name}: a running proxy uses it after SIGHUP (kill -HUP PID, systemctl reload authproxy) or at its next login.")
+            if not expire_old:
+                cli.say(f"{name}: the previous app token ({_source(old_source)}) was left valid; --expire-old expires it.")
+                return
+            user = await self._service_credential()
+            await self._expire(self.config.app_tokens_path, old, auth=user.token, app=new, what="expire the previous app token")
+            cli.say(f"{name}: expired the previous app token ({_source(old_source)}).")
+            if old_source == "config":
+                cli.say(
+                    f"{name}: the configured app_token no longer works: the state dir now holds the only working one. "
+                    f"Keep the state dir, or put the new token into your configuration (`authproxy token {name} --json` shows it)."
+                )
+
+    async def _create_app_token(self, seconds: int) -> Secret:
+        reply = await self._with_service_token("create app token", self._app_tokens_url, {"seconds_until_expire": seconds})
+        if reply.status // 100 != 2:
+            raise self._failure("create app token", reply)
+        return self._token_in(reply, "app_token", "create app token")
+
+    async def _prove(self, new: Secret) -> str:
+        """Show that the upstream accepts ``new``: a login with it (the token that login
+        makes is expired at once), or, with a fixed user token, reading that token's
+        own record with it. Returns what proved it."""
+        if self.config.token is None:
+            reply = await self._login(new)
+            if reply.status // 100 != 2:
+                raise self._failure("login with the new app token", reply)
+            token = self._token_in(reply, "token", "login with the new app token")
+            try:
+                await self._expire(self.config.tokens_path, token, auth=token, app=new, what="expire the test login's token")
+            except CredentialError as e:
+                log_event(self.ctx.log, logging.WARNING, "token_revoke_failed", service=self.ctx.service.name, error=e.message)
+            return "a login with it succeeded"
+        fixed = self.config.token
+        quoted = quote(fixed.reveal(), safe="")
+        url = self.ctx.upstream_url(self.config.tokens_path.rstrip("/") + f"/{quoted}/")
+        try:
+            reply = await self.ctx.request("GET", url, what="check the new app token", headers=self._headers(fixed, new))
+        except CredentialError as e:
+            raise CredentialError(self.ctx.error_text(e.message, fixed, quoted)) from None
+        if reply.status // 100 != 2:
+            raise self._failure("an authenticated GET with the new app token", reply, fixed, quoted)
+        return "an authenticated request with it succeeded"
+
+    async def _discard(self, new: Secret, old: Secret) -> None:
+        """Best effort: expire a new app token that will not be used."""
+        try:
+            user = await self._service_credential()
+            await self._expire(self.config.app_tokens_path, new, auth=user.token, app=old, what="expire the unused app token")
+        except CredentialError as e:
+            log_event(self.ctx.log, logging.WARNING, "token_revoke_failed", service=self.ctx.service.name, error=e.message)
+
+    # ------------------------------------------------------------------ replies
+    def _token_in(self, reply: Reply, field: str, what: str) -> Secret:
+        doc = reply.json()
+        value = doc.get(field) if isinstance(doc, dict) else None
+        if not isinstance(value, str) or not value or any(c in value for c in _HEADER_UNSAFE):
+            raise CredentialError(f"{what}: the reply (HTTP {reply.status}) has no usable {field!r}")
+        return Secret(value)
+
+    def _failure(self, what: str, reply: Reply, *more: Secret | str | None) -> CredentialError:
+        """A credential endpoint said no (4xx: refused, back off hard) or failed (5xx):
+        its own message, with anything of ours it echoes masked."""
+        refused = 400 <= reply.status < 500 and reply.status not in (408, 429)
+        detail = self.ctx.error_text(_detail(reply), self._app_token, *more)
+        verb = "refused" if refused else "failed"
+        return CredentialError(f"{what} {verb}: HTTP {reply.status}: {detail}", refused=refused)
+
+
+def _detail(reply: Reply) -> str:
+    """DRF errors: ``{"detail": ...}``, ``{"errors": {...}}``, ``{"field": [...]}``."""
+    try:
+        doc = json.loads(reply.body)
+    except ValueError:
+        return reply.text(200) or "(no body)"
+    if isinstance(doc, dict) and isinstance(doc.get("detail"), str):
+        return doc["detail"][:200]
+    return json.dumps(doc)[:200]
+
+
+def _all(headers: Mapping[str, str], name: str) -> list[str]:
+    getall = getattr(headers, "getall", None)
+    if getall is not None:
+        return list(getall(name, ()))
+    value = next((v for k, v in headers.items() if k.lower() == name.lower()), None)
+    return [] if value is None else [value]
+
+
+def _source(source: str) -> str:
+    return "the configured app_token" if source == "config" else "the one stored by the last rotate"
+
+
+def _duration(seconds: int) -> str:
+    for unit, size in (("days", 86400), ("hours", 3600), ("minutes", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds // size} {unit}"
+    return f"{seconds} s"
