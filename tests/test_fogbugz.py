@@ -229,6 +229,22 @@ async def test_large_or_other_replies_pass_through_uninspected(fogbugz: Mock, pr
     assert p.server.runtimes["fb"].creds.current() is not None  # the credential was not dropped
 
 
+async def test_api_path_is_relative_to_the_upstream_base_path(fogbugz: Mock, proxy: Any) -> None:
+    up, st = await fogbugz(base="/tracker/x")
+    p = await proxy({"services": {"fb": service(up + "/tracker", api_path="/x/api.asp")}})
+    status, body = await get(p, "/fb/x/api.asp?cmd=viewPerson")
+    assert status == 200 and b"Demo User" in body
+    assert st.logons == 1
+
+
+async def test_wrong_api_path_is_named_in_the_error(fogbugz: Mock, proxy: Any) -> None:
+    up, st = await fogbugz()
+    p = await proxy({"services": {"fb": service(up, api_path="/nope.asp")}})
+    creds = p.server.runtimes["fb"].creds
+    await wait_for(lambda: creds.status().last_error)
+    assert "HTTP 404" in creds.status().last_error and "/nope.asp" in creds.status().last_error
+
+
 async def test_configured_token_used_as_given_never_logged_on_or_off(fogbugz: Mock, proxy: Any) -> None:
     up, st = await fogbugz()
     p = await proxy({"services": {"fb": service(up, token=API_TOKEN)}})

@@ -26,7 +26,7 @@ from urllib.parse import quote, unquote_plus
 from xml.etree import ElementTree
 
 from authproxy.config import FieldError
-from authproxy.schemes.base import Credential, CredentialError, Outgoing, Reply, Scheme
+from authproxy.schemes.base import Credential, CredentialError, Outgoing, Reply, Scheme, SchemeContext
 from authproxy.secret import Secret
 
 PARAM = "token"
@@ -73,7 +73,7 @@ class FogBugzScheme(Scheme):
     # Logon tokens never expire: record them so a restart reuses them and an exit logs them off.
     persist_created = True
 
-    def __init__(self, ctx: Any) -> None:
+    def __init__(self, ctx: SchemeContext) -> None:
         super().__init__(ctx)
         self.config: FogBugzConfig = ctx.service.auth
         self._api_url = ctx.upstream_url(self.config.api_path)
@@ -143,7 +143,10 @@ class FogBugzScheme(Scheme):
             raise CredentialError(message, refused=400 <= reply.status < 500 and reply.status not in (408, 429))
         root = parse_xml(reply.body)
         if root is None or root.tag != "response":
-            raise CredentialError(f"FogBugz {what}: {reply.url} answered with something that is not a FogBugz XML <response>")
+            raise CredentialError(
+                f"FogBugz {what}: {reply.url} answered with something that is not a FogBugz XML <response> "
+                "(check upstream and api_path)"
+            )
         return root
 
     def _message(self, text: str) -> str:

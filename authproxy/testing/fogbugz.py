@@ -365,7 +365,9 @@ def demo() -> DemoService:
 
     def logons(status: int, headers: dict[str, str], body: bytes) -> str:
         text = " ".join(body.decode("utf-8", "replace").split())
-        return f"{text[:110]}  (logons so far: {state.logons})"
+        text = text.split("?>", 1)[-1].strip()  # the XML declaration says nothing
+        text = text if len(text) <= 100 else text[:99] + "…"
+        return f"{text}  (logons so far: {state.logons})"
 
     tour = [
         TourStep(
