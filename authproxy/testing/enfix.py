@@ -409,8 +409,7 @@ def demo() -> Any:
         return json.dumps(doc)[:160]
 
     def kill() -> None:
-        n = state.kill_user(DEMO_USER)
-        print(f"      (mock: {n} token{'s' if n != 1 else ''} of user {DEMO_USER} invalidated server-side)", flush=True)
+        state.kill_user(DEMO_USER)
 
     tour = [
         TourStep("No credentials from the client: authproxy logs in once and adds App-Token + Token",
@@ -421,7 +420,7 @@ def demo() -> Any:
                  path="/enfix/api/v1/projects/", headers={"X-Authproxy-On-Behalf-Of": ALICE}, show=who),
         TourStep("A user id not in obo.allow_users: 403 obo_forbidden, nothing sent upstream",
                  path="/enfix/api/v1/projects/", headers={"X-Authproxy-On-Behalf-Of": MALLORY}, expect=403),
-        TourStep("The upstream kills the service user's token", action=kill),
+        TourStep("The upstream invalidates the service user's token (as an admin or a password change would)", action=kill),
         TourStep("Recovery: the 401 makes authproxy log in again and replay the request once",
                  path="/enfix/api/v1/projects/", show=who),
     ]
