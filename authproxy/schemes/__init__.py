@@ -9,6 +9,7 @@ from authproxy.schemes.base import Scheme
 from authproxy.schemes.static import BearerScheme, HeaderScheme, QueryScheme
 from authproxy.schemes.app_token import AppTokenScheme
 from authproxy.schemes.fogbugz import FogBugzScheme
+from authproxy.schemes.oauth2 import OAuth2Scheme
 
 SCHEMES: dict[str, type[Scheme]] = {
     "bearer": BearerScheme,
@@ -16,6 +17,7 @@ SCHEMES: dict[str, type[Scheme]] = {
     "query": QueryScheme,
     "app_token": AppTokenScheme,
     "fogbugz": FogBugzScheme,
+    "oauth2": OAuth2Scheme,
 }
 
 __all__ = ["SCHEMES", "Scheme"]
