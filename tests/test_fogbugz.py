@@ -301,6 +301,23 @@ async def test_wrong_password_is_an_error_with_backoff_not_hammered(fogbugz: Moc
     assert not st.locked
 
 
+async def test_an_upstream_echoing_the_password_is_masked(upstream: Any, proxy: Any) -> None:
+    from aiohttp import web
+
+    async def echo_logon(request: web.Request) -> web.Response:
+        form = await request.post()
+        text = f"<response><error code=\"1\">no user with password {form['password']}</error></response>"
+        return web.Response(text=text, content_type="text/xml")
+
+    app = web.Application()
+    app.router.add_post("/api.asp", echo_logon)
+    p = await proxy({"services": {"fb": service(await upstream(app))}})
+    await wait_for(lambda: p.server.runtimes["fb"].creds.status().state == "error")
+    status, ready = await p.get_json("/-/readyz")
+    assert "no user with password ***" in ready["services"]["fb"]["last_error"]
+    assert PASSWORD not in json.dumps(ready)
+
+
 @pytest.mark.parametrize(
     "options, needles",
     [

@@ -135,9 +135,9 @@ class FogBugzScheme(Scheme):
             )
         return CredentialError(f"FogBugz logon failed (error {self._message(code)}: {text or 'no message'})")
 
-    def _reply_xml(self, reply: Reply, what: str) -> ElementTree.Element:
+    def _reply_xml(self, reply: Reply, what: str, sent: Secret | None = None) -> ElementTree.Element:
         if reply.status != 200:
-            detail = self._message(reply.text())
+            detail = self._message(reply.text(), sent)
             message = f"FogBugz {what}: {reply.url} answered HTTP {reply.status}" + (f": {detail}" if detail else "")
             # A 4xx (other than a timeout or rate limit) will not change by retrying soon.
             raise CredentialError(message, refused=400 <= reply.status < 500 and reply.status not in (408, 429))
@@ -149,10 +149,11 @@ class FogBugzScheme(Scheme):
             )
         return root
 
-    def _message(self, text: str) -> str:
-        """An upstream text made fit for last_error: one line, short, secrets masked."""
+    def _message(self, text: str, sent: Secret | None = None) -> str:
+        """An upstream text made fit for last_error: one line, short, and with our
+        secrets (and the token just sent) masked should the upstream echo them."""
         one_line = " ".join(text.split())
-        return self.ctx.error_text(one_line[:MAX_MESSAGE])
+        return self.ctx.error_text(one_line, sent)[:MAX_MESSAGE]
 
     # ------------------------------------------------------------------ applying
     def apply(self, out: Outgoing, cred: Credential) -> None:
@@ -193,10 +194,11 @@ class FogBugzScheme(Scheme):
             return
         form = {"cmd": "logoff", PARAM: cred.token.reveal()}
         reply = await self.ctx.request("POST", self._api_url, what="FogBugz logoff", data=form)
-        root = self._reply_xml(reply, "logoff")
+        root = self._reply_xml(reply, "logoff", cred.token)
         error = root.find("error")
         if error is not None and error.get("code") != NOT_LOGGED_ON:
-            raise CredentialError(f"FogBugz logoff failed (error {self._message(error.get('code', '?'))}: {self._message(error.text or '')})")
+            code = self._message(error.get("code", "?"))
+            raise CredentialError(f"FogBugz logoff failed (error {code}: {self._message(error.text or '', cred.token)})")
 
 
 # --------------------------------------------------------------------------- helpers (pure, tested directly)
