@@ -392,3 +392,39 @@ async def test_rotate_without_expire_old_leaves_the_old_app_token_and_a_running_
         assert r.status == 200
     await p.close()
     assert sorted(st.expired) == sorted(st.issued)  # every created token expired at exit
+
+
+async def test_the_mock_is_strict_like_the_real_api(mock: Start) -> None:
+    url, st = await mock(user_token_lifetime=0.2)
+    api = url + "/api/v1"
+    app = {"App-Token": APP_TOKEN}
+    async with aiohttp.ClientSession() as s:
+
+        async def call(method: str, path: str, **kw: Any) -> tuple[int, Any]:
+            async with s.request(method, api + path, **kw) as r:
+                return r.status, (await r.json() if r.status != 204 else None)
+
+        assert await call("POST", "/token/", json={"username": USER, "password": PASSWORD}, headers=app) == (
+            415, {"detail": 'Unsupported media type "application/json" in request.'})
+        assert (await call("POST", "/token/", data={"username": USER}, headers=app))[0] == 400
+        assert await call("POST", "/token/", data={"username": USER, "password": PASSWORD}) == (
+            401, {"detail": "Authentication credentials were not provided."})
+        assert await call("POST", "/token/", data={"username": USER, "password": "nope"}, headers=app) == (
+            401, {"detail": "Invalid username/password."})
+        assert (await call("GET", "/token/"))[0] == 405
+        status, doc = await call("POST", "/token/", data={"username": USER, "password": PASSWORD}, headers=app)
+        both = {**app, "Token": doc["token"]}
+        assert (await call("POST", "/tokens/", data={"user": ALICE, "seconds_until_expire": "5"}, headers=both))[0] == 415
+        assert (await call("POST", "/tokens/", json={"user": ALICE, "seconds_until_expire": "5"}, headers=both))[0] == 400
+        assert (await call("POST", "/tokens/", json={"user": ALICE, "seconds_until_expire": 5, "x": 1}, headers=both))[0] == 400
+        assert await call("POST", "/tokens/", json={"user": ALICE.upper(), "seconds_until_expire": 5}, headers=both) == (
+            400, {"errors": {"user": enfix.BAD_IDS}})
+        status, obo = await call("POST", "/tokens/", json={"user": ALICE, "seconds_until_expire": 5}, headers=both)
+        assert status == 201
+        assert (await call("PUT", f"/tokens/{obo['token']}/", json={"seconds_until_expire": -1}, headers=both))[0] == 405
+        assert (await call("PATCH", "/tokens/0123/", json={"seconds_until_expire": -1}, headers=both))[0] == 404
+        assert (await call("PATCH", f"/tokens/{obo['token']}/", json={"seconds_until_expire": -1}, headers=both))[0] == 200
+        assert await call("GET", "/x/", headers={**app, "Token": obo["token"]}) == (401, {"detail": "Invalid token."})
+        assert st.expired == [obo["token"]]
+        await asyncio.sleep(0.3)  # the user token's server-side lifetime runs out; nothing says so
+        assert await call("GET", "/x/", headers=both) == (401, {"detail": "Invalid token."})
