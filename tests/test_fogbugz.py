@@ -306,7 +306,9 @@ async def test_an_upstream_echoing_the_password_is_masked(upstream: Any, proxy: 
 
     async def echo_logon(request: web.Request) -> web.Response:
         form = await request.post()
-        text = f"<response><error code=\"1\">no user with password {form['password']}</error></response>"
+        from xml.sax.saxutils import escape
+
+        text = f"<response><error code=\"1\">no user with password {escape(str(form['password']))}</error></response>"
         return web.Response(text=text, content_type="text/xml")
 
     app = web.Application()
