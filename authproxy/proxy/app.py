@@ -146,8 +146,12 @@ class ProxyServer:
                 else:
                     rt.creds.start()
             for name, rt in old.items():
-                if runtimes.get(name) is not rt:
-                    self._retire(rt)
+                successor = runtimes.get(name)
+                if successor is not rt:
+                    # Same account (e.g. only a timeout changed): the successor reuses the
+                    # recorded credentials, so the old runtime must not revoke them.
+                    same = successor is not None and successor.scheme.identity() == rt.scheme.identity()
+                    self._retire(rt, revoke=not same)
             changed = sorted(n for n in runtimes if n not in keep)
             removed = sorted(n for n in old if n not in runtimes)
             log_event(log, logging.INFO, "reloaded", config=path, kept=len(keep), started=",".join(changed) or None, stopped=",".join(removed) or None)
@@ -155,11 +159,11 @@ class ProxyServer:
         finally:
             systemd.notify("READY=1")
 
-    def _retire(self, rt: ServiceRuntime) -> None:
+    def _retire(self, rt: ServiceRuntime, revoke: bool = True) -> None:
         async def run() -> None:
             await rt.wait_idle(self.config.shutdown_timeout)
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(rt.close(revoke=True), REVOKE_BUDGET)
+                await asyncio.wait_for(rt.close(revoke=revoke), REVOKE_BUDGET)
 
         task = asyncio.ensure_future(run())
         self._retiring.add(task)
