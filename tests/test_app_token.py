@@ -428,3 +428,19 @@ async def test_the_mock_is_strict_like_the_real_api(mock: Start) -> None:
         assert st.expired == [obo["token"]]
         await asyncio.sleep(0.3)  # the user token's server-side lifetime runs out; nothing says so
         assert await call("GET", "/x/", headers=both) == (401, {"detail": "Invalid token."})
+
+
+async def test_rotate_with_a_fixed_token_proves_the_new_app_token_with_a_read(tmp_path: Path, mock: Start) -> None:
+    url, st = await mock()
+    fixed = secret(st.issue(USER))
+    cfg = cli_config(tmp_path, url, enfix=service(url, username=None, password=None, token=fixed))
+    r = await cli_run(tmp_path, cfg, "rotate", "enfix", "--seconds", "86400", "--expire-old")
+    assert r.returncode == 0, r.stderr
+    [new] = [t for t in st.app_tokens if t != APP_TOKEN]
+    secret(new)
+    assert "valid for 1 day " in r.stdout and "an authenticated request with it succeeded" in r.stdout
+    assert st.logins == 0 and st.expired == [APP_TOKEN] and st.valid_tokens() == [fixed]
+    r = await cli_run(tmp_path, cfg, "token", "enfix", "--json")
+    assert json.loads(r.stdout)["headers"] == {"App-Token": new, "Token": fixed}
+    r = await cli_run(tmp_path, cfg, "rotate", "enfix", "--seconds", "0")
+    assert r.returncode == 2 and "--seconds" in r.stderr

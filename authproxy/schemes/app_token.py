@@ -224,7 +224,7 @@ class AppTokenScheme(Scheme):
             return Credential(token=cfg.token)  # given, not created: never expired by authproxy
         assert cfg.username is not None and cfg.password is not None  # check() made sure
         reply = await self._login(self._app_token)
-        if not reply.status // 100 == 2:
+        if reply.status // 100 != 2:
             raise self._failure("login", reply)
         now = time.time()
         token = self._token_in(reply, "token", "login")
@@ -351,37 +351,50 @@ class AppTokenScheme(Scheme):
         seconds = DEFAULT_APP_TOKEN_SECONDS if seconds is None else seconds
         if seconds <= 0:
             raise NotSupported("--seconds must be greater than 0")
+        try:
+            async with self.ctx.store.alocked(APP_TOKEN_DOC):  # one rotation at a time per state dir
+                await self._rotate(cli, seconds, expire_old)
+        except StateError as e:
+            raise CredentialError(str(e)) from None
+
+    async def _rotate(self, cli: CliIO, seconds: int, expire_old: bool) -> None:
         name = self.ctx.service.name
-        async with self.ctx.store.alocked(APP_TOKEN_DOC):  # one rotation at a time per state dir
-            self._reload_app_token()
-            old, old_source = self._app_token, self._app_token_source
-            new = await self._create_app_token(seconds)
-            try:
-                proof = await self._prove(new)
-            except CredentialError as e:
-                await self._discard(new, old)
-                raise CredentialError(f"the new app token did not work ({e.message}); it was expired again and not stored — the current one stays in use") from None
-            now = time.time()
-            self.ctx.store.put(
-                APP_TOKEN_DOC,
-                {"identity": self.ctx.service.upstream.url, "app_token": new.reveal(), "created_at": now, "expires_at": now + seconds},
+        self._reload_app_token()
+        old, old_source = self._app_token, self._app_token_source
+        new = await self._create_app_token(seconds)
+        try:
+            proof = await self._prove(new)
+        except CredentialError as e:
+            await self._discard(new, old)
+            raise CredentialError(f"the new app token did not work ({e.message}); it was expired again and not stored — the current one stays in use") from None
+        try:
+            until = self._store_app_token(new, seconds)
+        except StateError:
+            await self._discard(new, old)  # a token nobody will ever use again must not stay valid
+            raise
+        cli.say(f"{name}: created a new app token, valid for {_duration(seconds)} (until {until}); {proof}.")
+        cli.say(f"{name}: stored it in {self.ctx.store.path / (APP_TOKEN_DOC + '.json')}; it now takes precedence over the configured app_token.")
+        cli.say(f"{name}: a running proxy uses it after SIGHUP (kill -HUP PID, systemctl reload authproxy) or at its next login.")
+        if not expire_old:
+            cli.say(f"{name}: the previous app token ({_source(old_source)}) was left valid; --expire-old expires it.")
+            return
+        user = await self._service_credential()
+        await self._expire(self.config.app_tokens_path, old, auth=user.token, app=new, what="expire the previous app token")
+        cli.say(f"{name}: expired the previous app token ({_source(old_source)}).")
+        if old_source == "config":
+            cli.say(
+                f"{name}: the configured app_token no longer works: the state dir now holds the only working one. "
+                f"Keep the state dir, or put the new token into your configuration (`authproxy token {name} --json` shows it)."
             )
-            self._reload_app_token()
-            until = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(now + seconds))
-            cli.say(f"{name}: created a new app token, valid for {_duration(seconds)} (until {until}); {proof}.")
-            cli.say(f"{name}: stored it in {self.ctx.store.path / (APP_TOKEN_DOC + '.json')}; it now takes precedence over the configured app_token.")
-            cli.say(f"{name}: a running proxy uses it after SIGHUP (kill -HUP PID, systemctl reload authproxy) or at its next login.")
-            if not expire_old:
-                cli.say(f"{name}: the previous app token ({_source(old_source)}) was left valid; --expire-old expires it.")
-                return
-            user = await self._service_credential()
-            await self._expire(self.config.app_tokens_path, old, auth=user.token, app=new, what="expire the previous app token")
-            cli.say(f"{name}: expired the previous app token ({_source(old_source)}).")
-            if old_source == "config":
-                cli.say(
-                    f"{name}: the configured app_token no longer works: the state dir now holds the only working one. "
-                    f"Keep the state dir, or put the new token into your configuration (`authproxy token {name} --json` shows it)."
-                )
+
+    def _store_app_token(self, new: Secret, seconds: int) -> str:
+        """Write the new app token durably (it may become the only working one) and use
+        it from now on; returns its expiry, for people."""
+        now = time.time()
+        doc = {"identity": self.ctx.service.upstream.url, "app_token": new.reveal(), "created_at": now, "expires_at": now + seconds}
+        self.ctx.store.put(APP_TOKEN_DOC, doc)
+        self._reload_app_token()
+        return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(now + seconds))
 
     async def _create_app_token(self, seconds: int) -> Secret:
         reply = await self._with_service_token("create app token", self._app_tokens_url, {"seconds_until_expire": seconds})
@@ -463,7 +476,8 @@ def _source(source: str) -> str:
 
 
 def _duration(seconds: int) -> str:
-    for unit, size in (("days", 86400), ("hours", 3600), ("minutes", 60)):
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
         if seconds >= size and seconds % size == 0:
-            return f"{seconds // size} {unit}"
+            n = seconds // size
+            return f"{n} {unit}{'' if n == 1 else 's'}"
     return f"{seconds} s"
