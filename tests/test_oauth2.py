@@ -252,9 +252,12 @@ async def test_short_lived_token_is_refreshed_ahead_without_a_failed_request(aut
 
 
 async def test_rejected_token_is_replaced_and_the_request_replayed_once(auth_server, proxy):
-    base, st = await auth_server()
+    base, st = await auth_server(token_lifetime=None)  # no expires_in: used until rejected
+    st.token_type = "Bearer"  # compared case-insensitively
     p = await proxy({"services": {"svc": service(base, client_secret=SECRET)}})
     assert (await api(p, "/svc/a"))[0] == 200
+    status, doc = await p.get_json("/-/readyz")
+    assert doc["services"]["svc"] == {"state": "ready", "expires_in": None, "last_error": None}
     st.revoke_access_tokens()
     status, got = await api(p, "/svc/a", method="POST", data=b'{"x": 1}')
     assert status == 200 and got["token_serial"] == 2 and got["method"] == "POST"
@@ -266,8 +269,9 @@ async def test_rejected_token_is_replaced_and_the_request_replayed_once(auth_ser
 async def test_token_endpoint_failures_back_off_with_the_servers_error(auth_server, proxy):
     """5xx with an RFC 6749 error, non-JSON, a timeout, a refusal, and an error that echoes the secret."""
     bases = {}
-    for name in ("unavailable", "html", "slow", "refused", "echo"):
+    for name in ("unavailable", "html", "slow", "refused", "echo", "mac"):
         bases[name] = await auth_server()
+    bases["mac"][1].token_type = "mac"
     bases["unavailable"][1].fail(503, {"error": "temporarily_unavailable", "error_description": "maintenance until 10:00"})
     bases["html"][1].fail(502, "<html><body>Bad Gateway</body></html>")
     bases["slow"][1].token_delay = 2
@@ -290,6 +294,7 @@ async def test_token_endpoint_failures_back_off_with_the_servers_error(auth_serv
     assert got["slow"]["state"] == "backoff" and "did not answer within" in got["slow"]["last_error"]
     assert got["refused"]["state"] == "error" and "401 invalid_client" in got["refused"]["last_error"]
     assert "invalid_request: secret *** is malformed" in got["echo"]["last_error"]
+    assert got["mac"]["state"] == "error" and "type 'mac'" in got["mac"]["last_error"]
     assert SECRET not in json.dumps(got)
     status, body = await api(p, "/unavailable/x")
     assert status == 503 and body["error"] == "token_unavailable"
@@ -355,7 +360,8 @@ async def test_rotation_survives_a_restart_and_no_refresh_token_is_ever_reused(a
     assert (await api(p2, "/svc/b"))[0] == 200
     assert st.refresh_reuse == 0 and not st.token_errors
     assert len(set(st.refresh_tokens_presented)) == len(st.refresh_tokens_presented)
-    assert len(st.valid_refresh_tokens()) == 1
+    stored = json.loads((state_dir / "svc" / "refresh.json").read_text())["refresh_token"]
+    assert st.valid_refresh_tokens() == [stored]
 
 
 async def test_proxy_and_cli_token_share_the_rotating_refresh_token(auth_server, proxy, state_dir, tmp_path):

@@ -566,33 +566,47 @@ class OAuth2Scheme(Scheme):
         ``authproxy login NAME`` left pending in the state dir."""
         if self.config.grant != "authorization_code":
             return 404, _html("No login here", f"{self.name} uses grant {self.config.grant}, which has no login.")
+        try:
+            claimed = await self._claim_pending(params.get("state"))
+            if isinstance(claimed, tuple):
+                return claimed
+            status, page, error = await self._finish(params, claimed)
+            await self._settle_pending(claimed, error)
+        except StateError as e:
+            return 500, _html("State dir unusable", str(e))
+        if error is None and self._creds is not None:
+            self._nudge = asyncio.ensure_future(self._fetch_now())  # use the new login now, not at the next request
+        return status, page
+
+    async def _claim_pending(self, state: str | None) -> PendingLogin | tuple[int, str]:
+        """The pending login this response answers, marked as being exchanged so that a
+        second delivery cannot present the code again; or the page refusing it."""
         store = self.ctx.store
         async with store.alocked(LOGIN_DOC):
-            pending = PendingLogin.from_doc(self._read_quiet(LOGIN_DOC))
+            pending = PendingLogin.from_doc(store.get(LOGIN_DOC))
             if pending is None or pending.expired:
                 return 400, _html("No login in progress", f"No `authproxy login {self.name}` is waiting for this response. Run it, then try again.")
-            if not pending.matches(params.get("state")):
+            if not pending.matches(state):
                 return 400, _html("Not this login", "This is not the response to the login in progress (state mismatch); it was ignored.")
             if pending.status != "pending":
                 return 409, _html("Already handled", "This login has already been completed or is being completed.")
             if pending.identity != self.identity():
-                pending.status, pending.error = "failed", "the running proxy's configuration of this service differs from the one `authproxy login` used; reload it (SIGHUP) first"
-                status, page, error = 409, _html("Configuration differs", pending.error), pending.error
-            else:
-                pending.status = "exchanging"
-                status, page, error = 0, "", None
+                pending.status = "failed"
+                pending.error = "the running proxy's configuration of this service differs from the one `authproxy login` used; reload the proxy (SIGHUP) first"
+                store.put(LOGIN_DOC, pending.to_doc())
+                return 409, _html("Configuration differs", pending.error)
+            pending.status = "exchanging"
             store.put(LOGIN_DOC, pending.to_doc())
-        if status:
-            return status, page
-        status, page, error = await self._finish(dict(params), pending)
+            return pending
+
+    async def _settle_pending(self, pending: PendingLogin, error: str | None) -> None:
+        """Tell the waiting ``authproxy login`` how it went (it polls the record)."""
+        store = self.ctx.store
         async with store.alocked(LOGIN_DOC):
-            current = PendingLogin.from_doc(self._read_quiet(LOGIN_DOC))
+            current = PendingLogin.from_doc(store.get(LOGIN_DOC))
             if current is not None and current.state == pending.state:
                 current.status, current.error = ("failed", error) if error else ("done", None)
                 store.put(LOGIN_DOC, current.to_doc())
-        if error is None and self._creds is not None:
-            self._nudge = asyncio.ensure_future(self._fetch_now())  # use the new login now, not at the next request
-        return status, page
 
     async def _finish(self, params: Mapping[str, str], pending: PendingLogin) -> tuple[int, str, str | None]:
         """Check an authorization response whose state matched, exchange its code and
