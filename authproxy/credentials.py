@@ -75,6 +75,7 @@ class ServiceCredentials:
         )
         self._inflight: dict[str | None, asyncio.Future[Credential]] = {}
         self._created: dict[str, Credential] = {}  # token → credential, for revocation
+        self._forgotten: set[str] = set()  # removed here since the last save (revoked, rejected, expired)
         self._failures = 0
         self._retry_at = 0.0
         self._error: str | None = None
@@ -132,7 +133,7 @@ class ServiceCredentials:
         key = cred.key
         if self._cache.get(key) is cred:
             del self._cache[key]
-        if self._created.pop(cred.token.reveal(), None) is not None:
+        if self._forget(cred.token.reveal()):
             self._save_records()
         log_event(log, logging.INFO, "credential_rejected", service=self.name, key=key)
 
@@ -239,14 +240,14 @@ class ServiceCredentials:
         still_valid = old.expires_at is None or old.expires_at > self.clock()
         if not (self.scheme.revoke_replaced and still_valid):
             if not still_valid:
-                self._created.pop(token, None)
+                self._forget(token)
                 self._save_records()
             return
 
         async def run() -> None:
             try:
                 await self.scheme.revoke(old)
-                self._created.pop(token, None)
+                self._forget(token)
                 self._save_records()
                 log_event(log, logging.INFO, "token_revoked", service=self.name, key=old.key, reason="replaced")
             except CredentialError as e:
@@ -341,17 +342,39 @@ class ServiceCredentials:
         if newest:
             log_event(log, logging.INFO, "state_reused", service=self.name, credentials=len(newest))
 
+    def _forget(self, token: str) -> bool:
+        if self._created.pop(token, None) is None:
+            return False
+        self._forgotten.add(token)
+        return True
+
     def _save_records(self) -> None:
+        """Write the record of created credentials, merged with what other processes on
+        the same state dir (``authproxy token`` beside a running proxy) recorded since:
+        overwriting would drop their tokens, which then would never be revoked."""
         if not self.scheme.persist_created:
             return
+        store = self.scheme.ctx.store
         now = self.clock()
-        records = [c.to_record() for c in self._created.values() if c.expires_at is None or c.expires_at > now]
         try:
-            if records:
-                self.scheme.ctx.store.put(RECORDS, {"identity": self._identity, "credentials": records})
-            else:
-                self.scheme.ctx.store.delete(RECORDS)
-        except StateError as e:
+            with store.locked("credentials"):
+                try:
+                    doc = store.get(RECORDS) or {}
+                except StateError:
+                    doc = {}
+                records = {c.token.reveal(): c.to_record() for c in self._created.values()}
+                if doc.get("identity") == self._identity:
+                    for rec in doc.get("credentials", []):
+                        token = rec.get("token") if isinstance(rec, dict) else None
+                        if isinstance(token, str) and token not in records and token not in self._forgotten:
+                            records[token] = rec
+                live = [r for r in records.values() if r.get("expires_at") is None or float(r["expires_at"]) > now]
+                if live:
+                    store.put(RECORDS, {"identity": self._identity, "credentials": live})
+                else:
+                    store.delete(RECORDS)
+            self._forgotten.clear()
+        except (StateError, OSError, TypeError, ValueError) as e:
             log_event(log, logging.ERROR, "state_write_failed", service=self.name, error=str(e))
 
     # ------------------------------------------------------------------ shutdown and logout
@@ -369,7 +392,7 @@ class ServiceCredentials:
                 log_event(log, logging.WARNING, "token_revoke_failed", service=self.name, key=cred.key, error=e.message)
                 return
             done += 1
-            self._created.pop(cred.token.reveal(), None)
+            self._forget(cred.token.reveal())
             if self._cache.get(cred.key) is cred:
                 del self._cache[cred.key]
 
@@ -406,5 +429,6 @@ class ServiceCredentials:
         await self.scheme.logout()
         self._cache.clear()
         self._created.clear()
+        self._forgotten.clear()
         self.scheme.ctx.store.delete(RECORDS)
         return n

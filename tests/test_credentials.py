@@ -275,3 +275,17 @@ def test_credential_repr_hides_secret() -> None:
     c = Credential(token=Secret("very-secret-value"))
     assert "very-secret-value" not in repr(c) and "very-secret-value" not in str(c)
     assert f"{Secret('x-secret')}" == "***"
+
+
+async def test_records_of_two_processes_are_merged_not_overwritten(store, clock):
+    """``authproxy token`` beside a running proxy: neither drops the other's token."""
+    proxy_side = ServiceCredentials("svc", FakeScheme(store, clock), clock=clock)
+    cli_side = ServiceCredentials("svc", FakeScheme(store, clock), clock=clock)
+    a = await proxy_side.get("u1")
+    b = await cli_side.get("u2")
+    c = await proxy_side.get("u3")  # saved after the CLI's write: must keep b
+    tokens = {r["token"] for r in store.get("credentials")["credentials"]}
+    assert tokens == {a.token.reveal(), b.token.reveal(), c.token.reveal()}
+    proxy_side.rejected(a)  # forgotten here: not brought back from the file
+    tokens = {r["token"] for r in store.get("credentials")["credentials"]}
+    assert tokens == {b.token.reveal(), c.token.reveal()}
