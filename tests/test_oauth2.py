@@ -70,7 +70,7 @@ async def auth_server(upstream: Callable) -> AsyncIterator[Callable[..., Any]]:
     yield start
     for app in apps:
         st = app[mock.STATE]
-        for value in [*st.access, *st.refresh, *st.codes]:
+        for value in [*st.access, *st.refresh, *st.codes, *st.assertions]:
             secret(value)
 
 
@@ -360,6 +360,37 @@ async def test_rotation_survives_a_restart_and_no_refresh_token_is_ever_reused(a
     assert (await api(p2, "/svc/b"))[0] == 200
     assert st.refresh_reuse == 0 and not st.token_errors
     assert len(set(st.refresh_tokens_presented)) == len(st.refresh_tokens_presented)
+    stored = json.loads((state_dir / "svc" / "refresh.json").read_text())["refresh_token"]
+    assert st.valid_refresh_tokens() == [stored]
+
+
+async def test_a_rotated_refresh_token_the_state_dir_refused_is_kept_and_used_next(auth_server, state_dir, monkeypatch):
+    """The new refresh token is stored before the access token is used; if the store
+    fails, the access token is held back and the unsaved refresh token is used next."""
+    from authproxy.credentials import Unavailable
+    from authproxy.state import StateError
+
+    base, st = await auth_server()
+    svc = code_service(base)
+    await login_oob(state_dir, "svc", svc)
+    rt = open_runtime(state_dir, "svc", svc)
+    try:
+        store = rt.ctx.store
+        real_put = store.put
+
+        def failing_put(name: str, doc: Any) -> None:
+            raise StateError("cannot write refresh.json: No space left on device")
+
+        monkeypatch.setattr(store, "put", failing_put)
+        with pytest.raises(Unavailable, match="cannot store the new refresh token"):
+            await rt.creds.get()
+        assert st.token_requests["refresh_token"] == 1 and st.api_ok == 0
+        monkeypatch.setattr(store, "put", real_put)
+        cred = await rt.scheme.obtain(None)  # the next attempt (the manager's backoff skipped)
+        assert cred.token.reveal() in st.access
+    finally:
+        await rt.close(revoke=False)
+    assert st.refresh_reuse == 0 and not st.token_errors
     stored = json.loads((state_dir / "svc" / "refresh.json").read_text())["refresh_token"]
     assert st.valid_refresh_tokens() == [stored]
 

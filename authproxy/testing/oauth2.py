@@ -37,6 +37,7 @@ import secrets
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterable
 from urllib.parse import parse_qsl, quote, unquote_plus, urlencode, urlsplit
 
@@ -71,8 +72,10 @@ DEMO_REDIRECTS = (
     OOB,
     "http://127.0.0.1/callback",
     "http://localhost/callback",
+    "http://[::1]/callback",
     "http://127.0.0.1/-/callback/*",
     "http://localhost/-/callback/*",
+    "http://[::1]/-/callback/*",
 )
 
 
@@ -162,6 +165,7 @@ class OAuth2State:
     grants: dict[str, Grant] = field(default_factory=dict)
     codes: dict[str, Code] = field(default_factory=dict)
     jtis: dict[str, float] = field(default_factory=dict)
+    assertions: list[str] = field(default_factory=list)  # every client assertion received
     serial: int = 0
 
     # ---- switches for tests and the demo
@@ -297,6 +301,7 @@ def _verify_assertion(request: web.Request, form: dict[str, str]) -> Client:
     if form.get("client_assertion_type") != ASSERTION_TYPE:
         raise fail(f"client_assertion_type must be {ASSERTION_TYPE}")
     assertion = form.get("client_assertion", "")
+    st.assertions.append(assertion)
     try:
         header = jwt.get_unverified_header(assertion)
         unverified = jwt.decode(assertion, options={"verify_signature": False})
@@ -639,7 +644,7 @@ def make_app(
     when ``public_key_file`` or ``$OAUTH2_MOCK_PUBLIC_KEY`` names a PEM public key)."""
     if clients is None:
         path = public_key_file or os.environ.get("OAUTH2_MOCK_PUBLIC_KEY")
-        pem = open(path, "rb").read() if path else None
+        pem = Path(path).read_bytes() if path else None
         clients = demo_clients(pem)
     app = web.Application()
     app[STATE] = OAuth2State(
