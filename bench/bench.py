@@ -100,6 +100,18 @@ def cpu_ticks(pids):
     return sum((_stat(p) or (0, 0, 0))[1] for p in pids)
 
 
+def sys_ticks(pids):
+    total = 0
+    for p in pids:
+        try:
+            with open("/proc/%d/stat" % p) as f:
+                s = f.read()
+            total += int(s[s.rindex(")") + 2:].split()[12])
+        except (OSError, ValueError, IndexError):
+            pass
+    return total
+
+
 def mem_kb(pids, field):
     total = 0
     for p in pids:
@@ -365,14 +377,15 @@ def parse_wrk(out):
 def run_wrk(wrk, url, conns, duration, pids, threads=2):
     argv = [wrk, "-t%d" % threads, "-c%d" % conns, "-d%ds" % duration, "--latency",
             "--timeout", "10s", url]
-    before = cpu_ticks(pids)
+    before, sys0 = cpu_ticks(pids), sys_ticks(pids)
     try:
         out = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60,
                              env=clean_env()).stdout
     except subprocess.TimeoutExpired:
         out = ""
-    after = cpu_ticks(pids)
+    after, sys1 = cpu_ticks(pids), sys_ticks(pids)
     r = parse_wrk(out)
+    r["sys_pct"] = 100.0 * (sys1 - sys0) / (after - before) if after > before else float("nan")
     r["cpu_us"] = (after - before) / CLK * 1e6 / r["requests"] if r["requests"] else float("nan")
     r["cpu_util"] = (after - before) / CLK / r["elapsed"] if r["requests"] else float("nan")
     return r
@@ -462,10 +475,12 @@ def render(res):
     L.append("### authproxy benchmark — %s" % env["date"])
     L.append("")
     L.append("%s cores (%s), wrk %s threads sharing the cores; %s; Python %s, aiohttp %s; "
-             "event loop: naive=%s, authproxy=%s; %d round(s), %d s per wrk run; streaming %s MiB."
+             "event loop: naive=%s, authproxy=%s; %d round(s), %d s per wrk run; streaming %s MiB; "
+             "load average at start %s; %s s in all."
              % (env["cores"], env["cpu"], env["wrk_threads"], env["nginx"], env["python"],
                 env["aiohttp"], env.get("loop_naive", "?"), env.get("loop_authproxy", "?"),
-                env["rounds"], env["duration"], env["size_mib"]))
+                env["rounds"], env["duration"], env["size_mib"], env.get("loadavg", "?"),
+                env.get("wall_s", "?")))
     if res.get("skipped"):
         L.append("")
         L.append("**Skipped:** " + res["skipped"])
@@ -473,15 +488,16 @@ def render(res):
         L.append("")
         L.append("#### Small requests (%d-byte JSON), %d connections" % (len(SMALL_JSON), conns))
         L.append("")
-        L.append("| target | req/s | p50 ms | p99 ms | CPU µs/req | CPU cores | errors |")
-        L.append("|---|---:|---:|---:|---:|---:|---:|")
+        L.append("| target | req/s | p50 ms | p99 ms | CPU µs/req | of it kernel | CPU cores | errors |")
+        L.append("|---|---:|---:|---:|---:|---:|---:|---:|")
         for t in res["targets"]:
             runs = res["small"].get("%s@%d" % (t, conns), [])
             if not runs:
                 continue
-            L.append("| %s | %s | %s | %s | %s | %s | %d |" % (
+            L.append("| %s | %s | %s | %s | %s | %s%% | %s | %d |" % (
                 LABEL[t], fmt(med([r["rps"] for r in runs]), 0), fmt(med([r["p50"] for r in runs]), 2),
                 fmt(med([r["p99"] for r in runs]), 2), fmt(med([r["cpu_us"] for r in runs]), 0),
+                fmt(med([r.get("sys_pct", float("nan")) for r in runs]), 0),
                 fmt(med([r["cpu_util"] for r in runs]), 2), sum(r["errors"] for r in runs)))
     if res["stream"]:
         L.append("")
@@ -528,6 +544,12 @@ def render(res):
     return "\n".join(L) + "\n"
 
 
+def fmt_ratio(ratio, want):
+    # two decimals, three when two would round onto the threshold
+    nd = 3 if ratio == ratio and abs(ratio - want) < 0.01 else 2
+    return fmt(ratio, nd) + "×"
+
+
 def checks(res):
     out = []
 
@@ -554,7 +576,7 @@ def checks(res):
                     continue
                 ratio = a / b if b else float("nan")
                 add("%s / %s req/s @%d" % (ap, ref, conns), ratio, "≥ %.2f×" % want if not info else "(info)",
-                    ratio >= want and ea == 0, shown=fmt(ratio, 2) + "×", info=info)
+                    ratio >= want and ea == 0, shown=fmt_ratio(ratio, want), info=info)
             if conns == 32:
                 cpu, _, _ = small(ap, conns, "cpu_us")
                 add("%s CPU µs/req @32" % ap, cpu, "≤ 100", cpu <= 100, shown=fmt(cpu, 0))
@@ -567,7 +589,7 @@ def checks(res):
                 mb = med([r["mbps"] for r in b if r["ok"]])
                 ratio = ma / mb if mb == mb and mb else float("nan")
                 add("%s / nginx %s MB/s" % (ap, kind), ratio, "≥ 0.80×",
-                    ratio >= 0.8 and all(r["ok"] for r in a), shown=fmt(ratio, 2) + "×")
+                    ratio >= 0.8 and all(r["ok"] for r in a), shown=fmt_ratio(ratio, 0.8))
         runs = res["stream"].get(ap + ":download", []) + res["stream"].get(ap + ":upload", [])
         if runs:
             growth = max([r["peak"] - r["rss0"] for r in runs if r["ok"]] or [float("nan")])
@@ -594,7 +616,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description="authproxy benchmark (see bench/README or the README's Performance section)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 3 s per wrk run, 1 round, 256 MiB streaming")
     ap.add_argument("--duration", type=int, help="seconds per wrk run (default 10; --quick 3)")
-    ap.add_argument("--rounds", type=int, help="interleaved rounds, median reported (default 2; --quick 1)")
+    ap.add_argument("--rounds", type=int, help="interleaved rounds, median reported (default 3; --quick 1)")
     ap.add_argument("--size", type=parse_size, help="streaming size (default 1G; --quick 256M)")
     ap.add_argument("--connections", default="32,128", help="wrk connection counts (default 32,128)")
     ap.add_argument("--targets", default=",".join(DEFAULT_TARGETS),
@@ -605,12 +627,14 @@ def main(argv=None):
     ap.add_argument("--no-streaming", action="store_true", help="skip the download/upload runs")
     ap.add_argument("--profile", type=int, default=0, metavar="SECONDS",
                     help="after the run, profile authproxy with py-spy under wrk load (32 connections)")
+    ap.add_argument("--profile-python-only", action="store_true",
+                    help="py-spy without --native (Python frames only, process not paused per sample)")
     ap.add_argument("--out", help="also write the markdown here (default: bench/results/<time>.md)")
     ap.add_argument("--json", help="also write raw results as JSON here")
     ap.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (logs, configs)")
     a = ap.parse_args(argv)
     a.duration = a.duration or (3 if a.quick else 10)
-    a.rounds = a.rounds or (1 if a.quick else 2)
+    a.rounds = a.rounds or (1 if a.quick else 3)
     a.size = a.size or (256 * MIB if a.quick else 1024 * MIB)
     conns_list = [int(c) for c in a.connections.split(",") if c.strip()]
     targets = [t for t in a.targets.split(",") if t]
@@ -788,6 +812,8 @@ def run(a, tmp, procs, nginx, wrk, targets, conns_list, res):
     if not a.no_streaming:
         timeout = max(120, int(a.size / MIB))  # at least 1 MiB/s
         hwm_ok = True
+        log("streaming warm-up (direct download)")
+        transfer("download", T["direct"]["large"], a.size, large, [], tmp, timeout)
         for rnd in range(a.rounds):
             order = targets[rnd % len(targets):] + targets[:rnd % len(targets)]
             for kind in ("download", "upload"):
@@ -896,7 +922,8 @@ def profile(a, tmp, wrk, aps, T):
         pid = T[t]["proc"].pid
         log("profiling %s (pid %d) for %d s under wrk -c32" % (t, pid, a.profile))
         spy = subprocess.Popen([pyspy, "record", "--pid", str(pid), "--duration", str(a.profile),
-                                "--rate", "250", "--format", "raw", "--output", raw, "--nonblocking"],
+                                "--rate", "250", "--format", "raw", "--output", raw]
+                               + (["--nonblocking"] if a.profile_python_only else ["--native"]),
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=clean_env())
         time.sleep(0.5)
         try:
@@ -933,20 +960,28 @@ def _short(frame):
 
 BOOT_FRAMES = ("<frozen runpy>", "asyncio/runners.py", "uvloop/__init__.py", "asyncio/base_events.py",
                "authproxy/__main__.py", "authproxy/cli.py")
+SYSCALLS = {"write", "writev", "read", "readv", "send", "sendto", "sendmsg", "recv", "recvfrom", "recvmsg",
+            "epoll_wait", "epoll_pwait", "epoll_ctl", "accept4", "close", "getrandom", "__libc_write",
+            "__libc_read", "__write", "__read", "clock_gettime", "setsockopt", "getsockopt", "connect"}
 
 
 def summarise_profile(raw, name, err):
-    """Self and inclusive time per function, and self time per source file, from
-    py-spy's raw (folded) output.  Interpreter/loop bootstrap frames are left
-    out of the inclusive ranking: with uvloop, callbacks run from C and their
-    stacks start at the coroutine, so the bootstrap frames hold only part of
-    the samples."""
+    """A markdown summary of py-spy's raw (folded) output.
+
+    Each sample is put in one bucket: a system call (libc leaf frame, with
+    --native only; py-spy samples wall-clock time, so this includes time the
+    process sat descheduled inside the call -- process accounting gives the
+    true kernel share), garbage collection, or code.  Code samples are charged
+    to the deepest Python frame, C callees included (so `self` here means
+    "this Python function and the C it calls directly").  Interpreter and
+    event-loop bootstrap frames are left out of the inclusive ranking."""
     try:
         with open(raw) as f:
             lines = f.read().splitlines()
     except OSError:
         return "#### py-spy profile of %s: failed (%s)\n" % (name, (err or "").strip()[-300:])
-    self_t, incl, files, total = {}, {}, {}, 0
+    total, bucket = 0, {"system calls": 0, "garbage collection": 0, "code": 0}
+    self_t, incl, files, sysc = {}, {}, {}, {}
     for line in lines:
         stack, _, n = line.rpartition(" ")
         if not n.isdigit():
@@ -956,18 +991,32 @@ def summarise_profile(raw, name, err):
         frames = [_short(f) for f in stack.split(";") if f.strip() and not f.startswith(("process ", "thread "))]
         if not frames:
             continue
+        py = [f for f in frames if ".py)" in f or "<frozen" in f]
+        deepest = py[-1] if py else frames[-1]
         leaf = frames[-1]
-        self_t[leaf] = self_t.get(leaf, 0) + n
-        m = re.search(r"\((.*)\)$", leaf)
-        src = m.group(1) if m else leaf
+        m = re.match(r"(\S+) \((libc[^)]*)\)$", leaf)
+        if m and m.group(1) in SYSCALLS:
+            bucket["system calls"] += n
+            key = "%s() under %s" % (m.group(1), deepest)
+            sysc[key] = sysc.get(key, 0) + n
+            continue
+        bucket["garbage collection" if any("gc_collect" in f for f in frames) else "code"] += n
+        self_t[deepest] = self_t.get(deepest, 0) + n
+        fm = re.search(r"\(([^()]*)\)$", deepest)
+        src = fm.group(1) if fm else deepest
         files[src] = files.get(src, 0) + n
-        for f in set(frames):
+        for f in set(py):
             if not any(b in f for b in BOOT_FRAMES):
                 incl[f] = incl.get(f, 0) + n
     pct = lambda v: "%.1f" % (100.0 * v / total) if total else ""
-    L = ["#### py-spy profile of %s under wrk -c32 (%d samples, idle excluded)" % (name, total), "",
-         "Self time by source file:", "",
-         "| self % | file |", "|---:|---|"]
+    L = ["#### py-spy profile of %s under wrk -c32 (%d samples, idle excluded; %% of all samples)" % (name, total),
+         "", " · ".join("%s %s%%" % (k, pct(v)) for k, v in bucket.items()), ""]
+    if sysc:
+        L += ["| system call % | call, under |", "|---:|---|"]
+        for k, v in sorted(sysc.items(), key=lambda kv: -kv[1])[:6]:
+            L.append("| %s | `%s` |" % (pct(v), k))
+        L.append("")
+    L += ["| self % | source file (deepest Python frame) |", "|---:|---|"]
     for f, v in sorted(files.items(), key=lambda kv: -kv[1])[:15]:
         L.append("| %s | `%s` |" % (pct(v), f))
     L += ["", "| self % | function | inclusive % | function |", "|---:|---|---:|---|"]
@@ -998,6 +1047,7 @@ def env_info(a, nginx, wrk, res):
     ngv = subprocess.run([nginx, "-v"], capture_output=True, text=True).stderr.strip().replace("nginx version: ", "")
     loops = res.get("env_loop", {})
     return {"date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "cores": os.cpu_count(), "cpu": cpu,
+            "loadavg": " ".join(open("/proc/loadavg").read().split()[:3]) if os.path.exists("/proc/loadavg") else "?",
             "wrk_threads": 2, "nginx": ngv, "python": platform.python_version(), "aiohttp": aio,
             "loop_naive": loops.get("naive", "—"), "loop_authproxy": loops.get("authproxy", "—"),
             "rounds": a.rounds, "duration": a.duration, "size_mib": a.size // MIB}
