@@ -426,7 +426,7 @@ class ServiceCredentials:
     async def logout(self) -> int:
         await self.stop()
         n = await self.revoke_created()
-        await self.scheme.logout()
+        n += await self.scheme.logout() or 0
         self._cache.clear()
         self._created.clear()
         self._forgotten.clear()

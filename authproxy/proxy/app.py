@@ -268,7 +268,11 @@ class ProxyServer:
             rt = self.runtimes.get(name)
             if rt is None:
                 raise ProxyError("no_route", "no such service", name)
-            status, text = await rt.scheme.callback(dict(parse_qsl(query, keep_blank_values=True)))
+            pairs = parse_qsl(query, keep_blank_values=True)
+            params = dict(pairs)
+            if len(params) != len(pairs):
+                raise ProxyError("bad_request", "a parameter is repeated in the callback (RFC 6749 §3.1)", name)
+            status, text = await rt.scheme.callback(params)
             return web.Response(status=status, text=text, content_type="text/html", headers={"Cache-Control": "no-store"})
         self.guard.check_origin(request.headers)
         self.guard.check_key(request.headers)

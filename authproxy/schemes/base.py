@@ -304,8 +304,9 @@ class Scheme:
     async def revoke(self, cred: Credential) -> None:
         """Invalidate a credential authproxy created (log off, expire, RFC 7009)."""
 
-    async def logout(self) -> None:
-        """Forget and revoke whatever else the scheme keeps (e.g. a refresh token)."""
+    async def logout(self) -> int | None:
+        """Forget and revoke whatever else the scheme keeps (e.g. a refresh token);
+        returns how many credentials that revoked upstream."""
 
     def exported(self, cred: Credential) -> dict[str, dict[str, str]]:
         """Every part injected into requests, for ``authproxy token --json``."""

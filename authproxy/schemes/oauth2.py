@@ -224,9 +224,11 @@ class OAuth2Scheme(Scheme):
         self.endpoint.auth = self._client_auth()
         self._dead = None
 
-    async def logout(self) -> None:
+    async def logout(self) -> int:
         """Revoke the stored refresh token (RFC 7009) when a revocation_url is set, then
-        forget it. If the server cannot be reached nothing is deleted, so logout can be run again."""
+        forget it. If the server cannot be reached nothing is deleted, so logout can be run
+        again. Returns how many tokens were revoked upstream."""
+        revoked = 0
         cfg: OAuth2Config = self.config
         store = self.ctx.store
         async with store.alocked(REFRESH_DOC):
@@ -239,6 +241,7 @@ class OAuth2Scheme(Scheme):
                     raise CredentialError(
                         f"{e.message}; nothing was deleted, run `authproxy logout {self.name}` again once the server answers"
                     ) from None
+                revoked = 1
                 log_event(self.ctx.log, logging.INFO, "refresh_token_revoked", service=self.name)
             elif token is not None:
                 log_event(
@@ -253,6 +256,7 @@ class OAuth2Scheme(Scheme):
         self._dead = None
         self._unsaved = None
         self._handoff = None
+        return revoked
 
     # ------------------------------------------------------------------ client_credentials
     async def _client_credentials(self) -> Credential:
