@@ -17,6 +17,7 @@ import aiohttp
 from authproxy.config import ServiceConfig
 from authproxy.credentials import ServiceCredentials
 from authproxy.observe import Metrics
+from authproxy.proxy.upstream import UpstreamPool
 from authproxy.schemes import SCHEMES
 from authproxy.schemes.base import Scheme, SchemeContext
 from authproxy.state import StateDir
@@ -57,7 +58,18 @@ class ServiceRuntime:
         self.config = cfg
         self.name = cfg.name
         self.tls = ssl_context(cfg.ca_file) if cfg.upstream.scheme == "https" or cfg.ca_file else None
-        self.session = make_session(cfg, self.tls)
+        self.session = make_session(cfg, self.tls)  # credential requests
+        up = cfg.upstream
+        self.pool = UpstreamPool(  # proxied requests: the lean keep-alive client
+            up.scheme,
+            up.host,
+            up.port,
+            ssl=self.tls,
+            connect_timeout=cfg.timeout.connect,
+            total_timeout=cfg.timeout.total,
+            limit=POOL_LIMIT,
+            keepalive=KEEPALIVE,
+        )
         self.ctx = SchemeContext(
             cfg,
             self.session,
@@ -94,5 +106,6 @@ class ServiceRuntime:
                 await self.creds.stop()
                 await self.scheme.close()
         finally:
+            await self.pool.close()
             await self.session.close()
 

@@ -194,6 +194,8 @@ class ProxyServer:
             log_event(log, logging.WARNING, "revoke_timeout", budget=REVOKE_BUDGET)
         for rt in all_rts:
             with contextlib.suppress(Exception):
+                await rt.pool.close()
+            with contextlib.suppress(Exception):
                 await rt.session.close()
         if self.config.listen.kind == "unix":
             with contextlib.suppress(OSError):

@@ -9,6 +9,7 @@ credential and replays the request once (if its body was kept).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import TYPE_CHECKING, AsyncIterator
 
@@ -20,6 +21,7 @@ from yarl import URL
 from authproxy.credentials import Unavailable
 from authproxy.observe import log_event
 from authproxy.proxy.errors import ProxyError
+from authproxy.proxy.upstream import UpstreamResponse
 from authproxy.schemes.base import Credential, Forbidden, Outgoing, Scheme, UpstreamReply
 from authproxy.secret import SECRET_PARAMS
 
@@ -53,7 +55,6 @@ _REQUEST_DROP = HOP_BY_HOP | {
     "x-forwarded-proto",
     "x-forwarded-host",
 }
-_SKIP_AUTO = frozenset({"User-Agent", "Accept-Encoding", "Content-Type"})
 COALESCE_MAX = 64 * 1024  # replies up to this size (with a Content-Length) are read whole, then sent in one write
 ON_BEHALF_OF = "X-Authproxy-On-Behalf-Of"
 
@@ -84,7 +85,7 @@ class Forwarder:
         self.name = rt.name
         self.scheme = rt.scheme
         self.creds = rt.creds
-        self.session = rt.session
+        self.pool = rt.pool
         self.metrics = metrics
         self.prefix = cfg.prefix
         self.base_path = cfg.upstream.base_path
@@ -160,8 +161,7 @@ class Forwarder:
             raise ProxyError("obo_forbidden", f"service {name} does not issue on-behalf-of tokens", name)
         headers = self._headers(request, request_id)
         body, data, replayable = await self._read_body(request)
-        if body is None and data is not None and request.content_length is not None:
-            headers["Content-Length"] = str(request.content_length)  # stream it with its length, not chunked
+        length = request.content_length if body is None and data is not None else None
         method = request.method
         path = self.base_path + rest if rest else (self.base_path or "/")
         attempt = 0
@@ -169,17 +169,15 @@ class Forwarder:
             cred = await self._credential(key)
             out = Outgoing(headers=headers, query=query, body=body, method=method, path=path)  # apply() replaces, so a replay can reuse them
             self.scheme.apply(out, cred)
-            url = URL(f"{self.origin}{out.path}?{out.query}" if out.query else f"{self.origin}{out.path}", encoded=True)
+            target = f"{out.path}?{out.query}" if out.query else out.path
             try:
-                resp = await self.session.request(
+                resp = await self.pool.request(
                     method,
-                    url,
-                    headers=out.headers,
-                    data=out.body if out.body is not None else data,
-                    allow_redirects=False,
-                    skip_auto_headers=_SKIP_AUTO,
-                    compress=None,
-                    chunked=None,
+                    target,
+                    out.headers,
+                    body=out.body,
+                    stream=data if out.body is None else None,
+                    content_length=length,
                 )
             except asyncio.TimeoutError:
                 raise ProxyError("upstream_timeout", f"{self.upstream.origin} did not answer in time", name) from None
@@ -187,6 +185,9 @@ class Forwarder:
                 raise ProxyError("bad_request", "the request body could not be read", name) from None
             except (aiohttp.ClientError, OSError) as e:
                 raise ProxyError("upstream_unreachable", f"cannot reach {self.upstream.origin}: {_why(e)}", name) from None
+            except ValueError:
+                # Only a credential with a line break can get here (aiohttp's server refuses such client input).
+                raise ProxyError("upstream_unreachable", "the request could not be built (a header value contains a line break)", name) from None
             try:
                 small: bytes | None = None
                 rest_stream: AsyncIterator[bytes] | None = None
@@ -198,6 +199,9 @@ class Forwarder:
                         attempt += 1
                         if self.metrics is not None:
                             self.metrics.auth_retry(name)
+                        if small is None and resp.content_length is not None and resp.content_length <= COALESCE_MAX:
+                            with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
+                                await resp.read()  # read the small rejection so its connection is reused
                         resp.release()
                         continue
                 return await self._respond(request, resp, cred, small, rest_stream, request_id)
@@ -212,7 +216,7 @@ class Forwarder:
         except UpstreamReply as e:
             raise _Passthrough(e) from None
 
-    async def _peek(self, resp: aiohttp.ClientResponse) -> tuple[bytes, AsyncIterator[bytes] | None]:
+    async def _peek(self, resp: UpstreamResponse) -> tuple[bytes, AsyncIterator[bytes] | None]:
         """Read a reply up to ``max_replay_body`` for the scheme to inspect; past that
         the reply is not inspected and streams on (what was read goes first)."""
         length = resp.content_length
@@ -230,7 +234,7 @@ class Forwarder:
                 return b"", _prepend(parts, resp.content)
 
     # ------------------------------------------------------------------ response side
-    def _response_headers(self, resp: aiohttp.ClientResponse, cred: Credential) -> CIMultiDict[str]:
+    def _response_headers(self, resp: UpstreamResponse, cred: Credential) -> CIMultiDict[str]:
         named = _connection_named(resp.headers)  # type: ignore[arg-type]
         out: CIMultiDict[str] = CIMultiDict()
         for k, v in resp.headers.items():
@@ -272,7 +276,7 @@ class Forwarder:
     async def _respond(
         self,
         request: web.BaseRequest,
-        resp: aiohttp.ClientResponse,
+        resp: UpstreamResponse,
         cred: Credential,
         small: bytes | None,
         rest_stream: AsyncIterator[bytes] | None,
