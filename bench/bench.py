@@ -475,11 +475,11 @@ def render(res):
     L.append("### authproxy benchmark — %s" % env["date"])
     L.append("")
     L.append("%s cores (%s), wrk %s threads sharing the cores; %s; Python %s, aiohttp %s; "
-             "event loop: naive=%s, authproxy=%s; %d round(s), %d s per wrk run; streaming %s MiB; "
+             "event loop: naive=%s, authproxy=%s; %d round(s), %d s per wrk run; streaming %s MiB, %d round(s); "
              "load average at start %s; %s s in all."
              % (env["cores"], env["cpu"], env["wrk_threads"], env["nginx"], env["python"],
                 env["aiohttp"], env.get("loop_naive", "?"), env.get("loop_authproxy", "?"),
-                env["rounds"], env["duration"], env["size_mib"], env.get("loadavg", "?"),
+                env["rounds"], env["duration"], env["size_mib"], env["stream_rounds"], env.get("loadavg", "?"),
                 env.get("wall_s", "?")))
     if res.get("skipped"):
         L.append("")
@@ -618,6 +618,8 @@ def main(argv=None):
     ap.add_argument("--duration", type=int, help="seconds per wrk run (default 10; --quick 3)")
     ap.add_argument("--rounds", type=int, help="interleaved rounds, median reported (default 3; --quick 1)")
     ap.add_argument("--size", type=parse_size, help="streaming size (default 1G; --quick 256M)")
+    ap.add_argument("--stream-rounds", type=int,
+                    help="interleaved download/upload rounds, median reported (default 5; --quick 1)")
     ap.add_argument("--connections", default="32,128", help="wrk connection counts (default 32,128)")
     ap.add_argument("--targets", default=",".join(DEFAULT_TARGETS),
                     help="comma-separated, from %s (default: all but naive-uvloop)" % ",".join(TARGETS))
@@ -636,6 +638,7 @@ def main(argv=None):
     a.duration = a.duration or (3 if a.quick else 10)
     a.rounds = a.rounds or (1 if a.quick else 3)
     a.size = a.size or (256 * MIB if a.quick else 1024 * MIB)
+    a.stream_rounds = a.stream_rounds or (1 if a.quick else 5)
     conns_list = [int(c) for c in a.connections.split(",") if c.strip()]
     targets = [t for t in a.targets.split(",") if t]
     for t in targets:
@@ -814,7 +817,7 @@ def run(a, tmp, procs, nginx, wrk, targets, conns_list, res):
         hwm_ok = True
         log("streaming warm-up (direct download)")
         transfer("download", T["direct"]["large"], a.size, large, [], tmp, timeout)
-        for rnd in range(a.rounds):
+        for rnd in range(a.stream_rounds):
             order = targets[rnd % len(targets):] + targets[:rnd % len(targets)]
             for kind in ("download", "upload"):
                 for t in order:
@@ -1050,7 +1053,8 @@ def env_info(a, nginx, wrk, res):
             "loadavg": " ".join(open("/proc/loadavg").read().split()[:3]) if os.path.exists("/proc/loadavg") else "?",
             "wrk_threads": 2, "nginx": ngv, "python": platform.python_version(), "aiohttp": aio,
             "loop_naive": loops.get("naive", "—"), "loop_authproxy": loops.get("authproxy", "—"),
-            "rounds": a.rounds, "duration": a.duration, "size_mib": a.size // MIB}
+            "rounds": a.rounds, "duration": a.duration, "size_mib": a.size // MIB,
+            "stream_rounds": a.stream_rounds}
 
 
 if __name__ == "__main__":
