@@ -103,6 +103,18 @@ class ServiceCredentials:
         return self._cache.get(key)
 
     # ------------------------------------------------------------------ the request path
+    def ready(self, key: str | None) -> Credential | None:
+        """The cached credential when it can be used as is, without a coroutine: the
+        common case on the hot path. None means: ask :meth:`get`."""
+        cred = self._cache.get(key)
+        if cred is None or cred.expires_at is None:
+            return cred
+        if key is not None:
+            refresh_at = self._refresh_at(cred)
+            if refresh_at is not None and self.clock() >= refresh_at:
+                return None  # let get() start the refresh
+        return cred
+
     async def get(self, key: str | None = None) -> Credential:
         """The credential to use now: cached, or fetched once for all who wait."""
         cred = self._cache.get(key)

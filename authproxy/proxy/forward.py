@@ -160,13 +160,18 @@ class Forwarder:
         elif ON_BEHALF_OF in request.headers:
             raise ProxyError("obo_forbidden", f"service {name} does not issue on-behalf-of tokens", name)
         headers = self._headers(request, request_id)
-        body, data, replayable = await self._read_body(request)
+        if request.body_exists:
+            body, data, replayable = await self._read_body(request)
+        else:
+            body, data, replayable = None, None, True
         length = request.content_length if body is None and data is not None else None
         method = request.method
         path = self.base_path + rest if rest else (self.base_path or "/")
         attempt = 0
         while True:
-            cred = await self._credential(key)
+            cred = self.creds.ready(key) if attempt == 0 else None
+            if cred is None:
+                cred = await self._credential(key)
             out = Outgoing(headers=headers, query=query, body=body, method=method, path=path)  # apply() replaces, so a replay can reuse them
             self.scheme.apply(out, cred)
             target = f"{out.path}?{out.query}" if out.query else out.path

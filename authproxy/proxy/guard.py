@@ -53,6 +53,7 @@ class Guard:
         self._hosts_exact = frozenset(allowed_exact)
         self._origins = frozenset(o.rstrip("/").lower() for o in inbound.allow_origins)
         self._keys = tuple(k.reveal().encode() for k in inbound.keys)
+        self._seen_hosts: set[str] = set()
 
     @staticmethod
     def check_target(raw_path: str) -> None:
@@ -68,10 +69,12 @@ class Guard:
 
     def check_host(self, headers: Mapping[str, str]) -> None:
         value = headers.get("Host")
-        if value is None:
-            return  # not a browser: every browser sends Host
+        if value is None or value in self._seen_hosts:
+            return  # no Host: not a browser (every browser sends one)
         host, port = split_host(value)
         if host in self._hosts or (port is not None and f"{host}:{port}" in self._hosts_exact):
+            if len(self._seen_hosts) < 64:
+                self._seen_hosts.add(value)  # clients send the same few values: remember the allowed ones
             return
         raise ProxyError("host_not_allowed", "the Host header names a host this proxy does not serve; add it to inbound.hosts")
 
