@@ -40,7 +40,7 @@ def load_private_key(path: str | Path, alg: Alg) -> PrivateKey:
     except OSError as e:
         raise KeyFileError(f"cannot read {path}: {e.strerror or e}") from None
     if b"-----BEGIN" not in data:
-        raise KeyFileError(f"{path} is not a PEM file (expected -----BEGIN PRIVATE KEY----- or -----BEGIN RSA PRIVATE KEY-----)")
+        raise KeyFileError(f"{path} is not a PEM file (expected a PEM block such as 'BEGIN PRIVATE KEY', 'BEGIN RSA PRIVATE KEY' or 'BEGIN EC PRIVATE KEY')")
     if b"ENCRYPTED" in data:
         raise KeyFileError(
             f"{path} is encrypted with a passphrase; authproxy needs it unencrypted "
