@@ -73,6 +73,7 @@ class ServiceCredentials:
         self._cache: TLRUCache[str | None, Credential] = TLRUCache(
             maxsize=MAX_KEYED, ttu=self._ttu, timer=clock
         )
+        self._svc: Credential | None = None  # the service's own credential, mirrored for the hot path
         self._inflight: dict[str | None, asyncio.Future[Credential]] = {}
         self._created: dict[str, Credential] = {}  # token → credential, for revocation
         self._forgotten: set[str] = set()  # removed here since the last save (revoked, rejected, expired)
@@ -103,9 +104,26 @@ class ServiceCredentials:
         return self._cache.get(key)
 
     # ------------------------------------------------------------------ the request path
+    def _put(self, key: str | None, cred: Credential) -> None:
+        self._cache[key] = cred
+        if key is None:
+            self._svc = cred
+
+    def _drop(self, key: str | None) -> None:
+        self._cache.pop(key, None)
+        if key is None:
+            self._svc = None
+
     def ready(self, key: str | None) -> Credential | None:
         """The cached credential when it can be used as is, without a coroutine: the
         common case on the hot path. None means: ask :meth:`get`."""
+        if key is None:
+            # The service's own credential is one attribute, not a cache lookup (this
+            # runs on every proxied request).
+            cred = self._svc
+            if cred is not None and (cred.expires_at is None or cred.expires_at > self.clock()):
+                return cred
+            return None
         cred = self._cache.get(key)
         if cred is None or cred.expires_at is None:
             return cred
@@ -144,7 +162,7 @@ class ServiceCredentials:
         causes one new fetch, not one each."""
         key = cred.key
         if self._cache.get(key) is cred:
-            del self._cache[key]
+            self._drop(key)
         if self._forget(cred.token.reveal()):
             self._save_records()
         log_event(log, logging.INFO, "credential_rejected", service=self.name, key=key)
@@ -195,7 +213,7 @@ class ServiceCredentials:
             raise err from None
         cred.key = key
         self._count("ok")
-        self._cache[key] = cred
+        self._put(key, cred)
         if cred.created and self.scheme.persist_created:
             self._created[cred.token.reveal()] = cred
             self._save_records()
@@ -350,7 +368,7 @@ class ServiceCredentials:
             if best is None or cred.obtained_at > best.obtained_at:
                 newest[cred.key] = cred
         for key, cred in newest.items():
-            self._cache[key] = cred
+            self._put(key, cred)
         if newest:
             log_event(log, logging.INFO, "state_reused", service=self.name, credentials=len(newest))
 
@@ -406,7 +424,7 @@ class ServiceCredentials:
             done += 1
             self._forget(cred.token.reveal())
             if self._cache.get(cred.key) is cred:
-                del self._cache[cred.key]
+                self._drop(cred.key)
 
         try:
             await asyncio.gather(*(one(c) for c in todo))
@@ -440,6 +458,7 @@ class ServiceCredentials:
         n = await self.revoke_created()
         n += await self.scheme.logout() or 0
         self._cache.clear()
+        self._svc = None
         self._created.clear()
         self._forgotten.clear()
         self.scheme.ctx.store.delete(RECORDS)
