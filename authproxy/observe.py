@@ -14,12 +14,18 @@ import sys
 import time
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from bisect import bisect_left
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics, generate_latest
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from authproxy.secret import Secret
 
 # --------------------------------------------------------------------------- metrics
+
+disable_created_metrics()  # *_created series only add noise to a scrape
 
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 
@@ -32,19 +38,11 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self._requests = Counter(
-            "authproxy_requests_total",
-            "Requests answered, by service and HTTP status (the proxy's own errors included).",
-            ["service", "code"],
-            registry=self.registry,
-        )
-        self._duration = Histogram(
-            "authproxy_request_duration_seconds",
-            "Time from receiving a request to the end of its response.",
-            ["service"],
-            buckets=DURATION_BUCKETS,
-            registry=self.registry,
-        )
+        # Requests are counted on the hot path: plain ints in dicts (the event loop is one
+        # thread), turned into Prometheus families only when /-/metrics is scraped.
+        self._counts: dict[tuple[str, int], int] = {}
+        self._hist: dict[str, list[float]] = {}  # service → per-bucket counts (non-cumulative) + [sum]
+        self.registry.register(_RequestCollector(self))
         self._fetches = Counter(
             "authproxy_token_fetches_total",
             "Credential requests made upstream, by result.",
@@ -63,19 +61,15 @@ class Metrics:
             ["service"],
             registry=self.registry,
         )
-        # labels() costs a lock and a dict lookup keyed by tuples; the hot path caches children.
-        self._req_children: dict[tuple[str, int], Any] = {}
-        self._dur_children: dict[str, Any] = {}
 
     def request(self, service: str, code: int, seconds: float) -> None:
-        child = self._req_children.get((service, code))
-        if child is None:
-            child = self._req_children[(service, code)] = self._requests.labels(service, str(code))
-        child.inc()
-        dur = self._dur_children.get(service)
-        if dur is None:
-            dur = self._dur_children[service] = self._duration.labels(service)
-        dur.observe(seconds)
+        key = (service, code)
+        self._counts[key] = self._counts.get(key, 0) + 1
+        h = self._hist.get(service)
+        if h is None:
+            h = self._hist[service] = [0.0] * (len(DURATION_BUCKETS) + 2)
+        h[bisect_left(DURATION_BUCKETS, seconds)] += 1
+        h[-1] += seconds
 
     def token_fetch(self, service: str, result: str) -> None:
         self._fetches.labels(service, result).inc()
@@ -88,6 +82,38 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _RequestCollector:
+    """Exposes :class:`Metrics`' request counters and duration histogram."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.m = metrics
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Any:
+        counts = CounterMetricFamily(
+            "authproxy_requests",
+            "Requests answered, by service and HTTP status (the proxy's own errors included).",
+            labels=["service", "code"],
+        )
+        for (service, code), n in sorted(self.m._counts.items()):
+            counts.add_metric([service, str(code)], n)
+        yield counts
+        hist = HistogramMetricFamily(
+            "authproxy_request_duration_seconds",
+            "Time from receiving a request to the end of its response.",
+            labels=["service"],
+        )
+        for service, h in sorted(self.m._hist.items()):
+            buckets, running = [], 0.0
+            for bound, n in zip((*DURATION_BUCKETS, float("inf")), h[:-1]):
+                running += n
+                buckets.append((floatToGoString(bound), running))
+            hist.add_metric([service], buckets, h[-1])
+        yield hist
 
 
 # --------------------------------------------------------------------------- logs

@@ -59,11 +59,23 @@ COALESCE_MAX = 64 * 1024  # replies up to this size (with a Content-Length) are 
 ON_BEHALF_OF = "X-Authproxy-On-Behalf-Of"
 
 
+_NO_NAMES: frozenset[str] = frozenset()
+_NAMED_CACHE: dict[str, frozenset[str]] = {}
+
+
 def _connection_named(headers: "CIMultiDict[str] | web.BaseRequest") -> frozenset[str]:
+    """The header names a ``Connection`` header lists (hop-by-hop too). Peers send the
+    same few values ("keep-alive", "close"), so parsed values are remembered."""
     values = headers.getall("Connection", ())  # type: ignore[union-attr]
     if not values:
-        return frozenset()
-    return frozenset(t.strip().lower() for v in values for t in v.split(",") if t.strip())
+        return _NO_NAMES
+    joined = ",".join(values) if len(values) > 1 else values[0]
+    names = _NAMED_CACHE.get(joined)
+    if names is None:
+        names = frozenset(t.strip().lower() for t in joined.split(",") if t.strip())
+        if len(_NAMED_CACHE) < 256:
+            _NAMED_CACHE[joined] = names
+    return names
 
 
 def strip_params(query: str, names: frozenset[str], values: frozenset[str]) -> str:
