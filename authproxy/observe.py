@@ -228,7 +228,8 @@ class AccessLog:
                 doc["service"] = service
             line = json.dumps(doc)
         else:
-            p = path if not any(c in path for c in ' "=') else json.dumps(path)
+            # A request target never holds a space (it would not parse); quote only a '"'.
+            p = json.dumps(path) if '"' in path else path
             svc = f" service={service}" if service is not None else ""
             line = f"{ts} INFO  request request_id={request_id} client={client} method={method} path={p}{svc} status={status} duration_ms={ms}"
         self._buf.append(line)
