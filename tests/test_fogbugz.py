@@ -427,3 +427,21 @@ async def test_cli_token_prints_and_reuses_logout_logs_off(tmp_path: Path, fogbu
     assert API_TOKEN in st.tokens and st.logoffs == 1
     for out in (r.stderr,):
         assert PASSWORD not in out
+
+
+async def test_a_client_logoff_is_answered_locally_and_the_shared_token_lives(fogbugz, proxy):
+    """All clients share one token: a client's cmd=logoff (query, form or JSON body)
+    is answered by the proxy, never forwarded, and the next request needs no logon."""
+    up, st = await fogbugz()
+    p = await proxy({"services": {"fb": service(up)}})
+    status, _ = await get(p, "/fb/api.asp?cmd=search&q=x")
+    assert status == 200 and st.logons == 1
+    status, body = await get(p, "/fb/api.asp?cmd=logoff")
+    assert status == 200 and b"<response></response>" in body
+    status, body = await get(p, "/fb/api.asp", method="POST", data={"cmd": "LogOff"})
+    assert status == 200
+    status, body = await get(p, "/fb/f/api/0/jsonapi", method="POST", json={"cmd": "logoff", "token": "x"})
+    assert status == 200 and json.loads(body)["errors"] == []
+    assert st.logoffs == 0
+    status, _ = await get(p, "/fb/api.asp?cmd=search&q=y")
+    assert status == 200 and st.logons == 1

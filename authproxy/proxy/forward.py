@@ -109,6 +109,7 @@ class Forwarder:
         self.origin = cfg.upstream.origin
         # Only schemes that pick a credential per request (on-behalf-of) pay for asking.
         self.wants_key = type(rt.scheme).credential_key is not Scheme.credential_key
+        self.answers_locally = type(rt.scheme).local_reply is not Scheme.local_reply
 
     # ------------------------------------------------------------------ request side
     def _headers(self, request: web.BaseRequest, request_id: str) -> CIMultiDict[str]:
@@ -179,6 +180,10 @@ class Forwarder:
         length = request.content_length if body is None and data is not None else None
         method = request.method
         path = self.base_path + rest if rest else (self.base_path or "/")
+        if self.answers_locally:
+            local = self.scheme.local_reply(Outgoing(headers=headers, query=query, body=body, method=method, path=path))
+            if local is not None:
+                raise _Passthrough(local)
         attempt = 0
         while True:
             cred = self.creds.ready(key) if attempt == 0 else None

@@ -301,6 +301,12 @@ class Scheme:
     def is_rejection(self, status: int, headers: Mapping[str, str], body: bytes | None) -> bool:
         return status == 401
 
+    def local_reply(self, out: Outgoing) -> UpstreamReply | None:
+        """Answer a request here instead of forwarding it — for a request that would
+        harm every client sharing the credential (a client's own logoff of it).
+        Only called when a scheme overrides it; ``out`` has no credential yet."""
+        return None
+
     async def revoke(self, cred: Credential) -> None:
         """Invalidate a credential authproxy created (log off, expire, RFC 7009)."""
 

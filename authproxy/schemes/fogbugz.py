@@ -18,6 +18,7 @@ small, so the scheme asks the forwarder for their bodies and recognises them.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import zlib
 from dataclasses import dataclass
@@ -26,7 +27,8 @@ from urllib.parse import quote, unquote_plus
 from xml.etree import ElementTree
 
 from authproxy.config import FieldError
-from authproxy.schemes.base import Credential, CredentialError, Outgoing, Reply, Scheme, SchemeContext
+from authproxy.observe import log_event
+from authproxy.schemes.base import Credential, CredentialError, Outgoing, Reply, Scheme, SchemeContext, UpstreamReply
 from authproxy.secret import Secret
 
 PARAM = "token"
@@ -164,6 +166,25 @@ class FogBugzScheme(Scheme):
         if out.body:
             out.body = set_body_token(out.body, out.headers.get("Content-Type", ""), token)
 
+    def local_reply(self, out: Outgoing) -> UpstreamReply | None:
+        """A client's ``cmd=logoff`` would end the token every client shares (and a
+        configured API token for good): it is answered here as FogBugz would, and the
+        token stays. Bodies too large to keep are not looked into."""
+        json_body = out.body is not None and _json_object(out.body)
+        if isinstance(json_body, dict):
+            cmd = next((v for k, v in json_body.items() if k.lower() == "cmd"), None)
+        else:
+            cmd = _param(out.query, "cmd")
+            if cmd is None and out.body and out.headers.get("Content-Type", "").split(";", 1)[0].strip().lower() == "application/x-www-form-urlencoded":
+                cmd = _param(out.body.decode("latin-1"), "cmd")
+        if not isinstance(cmd, str) or cmd.lower() != "logoff":
+            return None
+        log_event(self.ctx.log, logging.INFO, "client_logoff_answered", service=self.ctx.service.name)
+        if isinstance(json_body, dict):
+            doc = {"data": {}, "errors": [], "warnings": [], "meta": {}}
+            return UpstreamReply(200, {"Content-Type": "application/json; charset=utf-8"}, json.dumps(doc).encode())
+        return UpstreamReply(200, {"Content-Type": "text/xml; charset=utf-8"}, b'<?xml version="1.0" encoding="UTF-8"?><response></response>')
+
     # ------------------------------------------------------------------ recognising a dead token
     def rejection_needs_body(self, status: int, headers: Mapping[str, str]) -> bool:
         """Only XML replies on 200 and JSON replies on 200/400 can say "not logged on";
@@ -288,6 +309,27 @@ def replace_param(query: str, name: str, value: str) -> str:
     kept = [p for p in query.split("&") if p and unquote_plus(p.partition("=")[0]).lower() != name]
     kept.append(f"{quote(name, safe='')}={quote(value, safe='')}")
     return "&".join(kept)
+
+
+def _param(query: str, name: str) -> str | None:
+    """The last ``name`` parameter of a raw query or form string (case-insensitive name)."""
+    value = None
+    for part in query.split("&"):
+        key, _, v = part.partition("=")
+        if unquote_plus(key).lower() == name:
+            value = unquote_plus(v)
+    return value
+
+
+def _json_object(body: bytes) -> dict[str, Any] | None:
+    stripped = body.lstrip(b" \t\r\n").removeprefix(b"\xef\xbb\xbf")
+    if not stripped.startswith(b"{"):
+        return None
+    try:
+        doc = json.loads(stripped)
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
 
 
 def set_body_token(body: bytes, content_type: str, token: str) -> bytes:
