@@ -18,13 +18,13 @@ import signal
 import socket
 import stat
 import time
-from typing import Any, Iterable
+from typing import Any
 from urllib.parse import parse_qsl
 
 from aiohttp import web
 
 from authproxy import systemd
-from authproxy.config import Config, ConfigError, ServiceConfig, load_config
+from authproxy.config import Config, ConfigError, load_config
 from authproxy.observe import Metrics, access_log, log_event, setup_logging
 from authproxy.proxy.errors import ProxyError, error_response
 from authproxy.proxy.forward import HOP_BY_HOP, Forwarder, _Passthrough
@@ -392,6 +392,3 @@ async def serve(config: Config, config_path: str, stop: asyncio.Event | None = N
         log_event(log, logging.WARNING, "shutdown_forced", after=budget)
     return 0
 
-
-def iter_services(config: Config) -> Iterable[ServiceConfig]:
-    return config.services.values()

@@ -101,7 +101,6 @@ class Forwarder:
         self.metrics = metrics
         self.prefix = cfg.prefix
         self.base_path = cfg.upstream.base_path
-        self.base_url = cfg.upstream.url
         self.upstream = cfg.upstream
         self.max_replay = cfg.max_replay_body
         self.drop = _REQUEST_DROP | {h.lower() for h in rt.scheme.strip_headers()}
