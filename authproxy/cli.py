@@ -81,14 +81,16 @@ def _dispatch(args: argparse.Namespace) -> int:
         from authproxy.proxy.app import serve
 
         return _run_async(serve(config, path))
+    from authproxy.schemes.base import CliIO
+
     service = _service(config, args.service)
-    handlers: dict[str, Callable[[], Awaitable[int]]] = {
-        "token": lambda: _token(config, service, args.json, args.obo),
-        "login": lambda: _with_scheme(config, service, lambda rt, io: rt.scheme.login(io)),
-        "logout": lambda: _logout(config, service),
-        "rotate": lambda: _with_scheme(config, service, lambda rt, io: rt.scheme.rotate(io, args.seconds, args.expire_old)),
+    steps: dict[str, Callable[[Any], Awaitable[int]]] = {
+        "token": lambda rt: _token(rt, args.json, args.obo),
+        "login": lambda rt: _done(rt.scheme.login(CliIO())),
+        "logout": _logout,
+        "rotate": lambda rt: _done(rt.scheme.rotate(CliIO(), args.seconds, args.expire_old)),
     }
-    return _run_async(handlers[args.command]())
+    return _run_async(_with_runtime(config, service, steps[args.command]))
 
 
 def _run_async(coro: Awaitable[int]) -> int:
@@ -121,78 +123,62 @@ def _check(config: Config) -> int:
     return EXIT_OK
 
 
-async def _open(config: Config, name: str) -> Any:
+async def _with_runtime(config: Config, name: str, step: Callable[[Any], Awaitable[int]]) -> int:
+    """Run one per-service command on a live runtime (the proxy's own code path), map
+    its failures to exit codes, and close it without revoking: a token printed or a
+    login just made must stay valid."""
+    from authproxy.credentials import Unavailable
     from authproxy.runtime import ServiceRuntime
+    from authproxy.schemes.base import CredentialError, NotSupported
     from authproxy.state import StateDir
 
-    return ServiceRuntime(config.services[name], StateDir(config.state_dir))
+    rt = ServiceRuntime(config.services[name], StateDir(config.state_dir))
+    try:
+        return await step(rt)
+    except NotSupported as e:
+        print(f"authproxy: {name}: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except CredentialError as e:
+        print(f"authproxy: {name}: {e.message}", file=sys.stderr)
+        return EXIT_FAIL
+    except Unavailable as e:
+        print(f"authproxy: {e.message}", file=sys.stderr)
+        return EXIT_FAIL
+    finally:
+        await rt.close(revoke=False)
 
 
-async def _token(config: Config, name: str, as_json: bool, obo: str | None) -> int:
-    from authproxy.credentials import Unavailable
+async def _token(rt: Any, as_json: bool, obo: str | None) -> int:
     from authproxy.schemes.base import Forbidden, UpstreamReply
 
-    rt = await _open(config, name)
-    try:
-        key = None
-        if obo is not None:
-            try:
-                key = rt.scheme.credential_key({"X-Authproxy-On-Behalf-Of": obo})
-            except Forbidden as e:
-                print(f"authproxy: {e.message}", file=sys.stderr)
-                return EXIT_USAGE
-            if key is None:
-                print(f"authproxy: service {name} does not issue on-behalf-of tokens", file=sys.stderr)
-                return EXIT_USAGE
+    key = None
+    if obo is not None:
         try:
-            cred = await rt.creds.get(key)
-        except Unavailable as e:
+            key = rt.scheme.credential_key({"X-Authproxy-On-Behalf-Of": obo})
+        except Forbidden as e:
             print(f"authproxy: {e.message}", file=sys.stderr)
-            return EXIT_FAIL
-        except UpstreamReply as e:
-            print(f"authproxy: {name}: the upstream refused: HTTP {e.status} {e.body[:300].decode('utf-8', 'replace')}", file=sys.stderr)
-            return EXIT_FAIL
-        if as_json:
-            print(json.dumps(rt.scheme.exported(cred)))
-        else:
-            print(rt.scheme.printable(cred))
-        return EXIT_OK
-    finally:
-        await rt.close(revoke=False)  # the printed token must stay valid
-
-
-async def _logout(config: Config, name: str) -> int:
-    from authproxy.schemes.base import CredentialError
-
-    rt = await _open(config, name)
-    try:
-        try:
-            n = await rt.creds.logout()
-        except CredentialError as e:
-            print(f"authproxy: {name}: {e.message}", file=sys.stderr)
-            return EXIT_FAIL
-        print(f"{name}: revoked {n} credential{'s' if n != 1 else ''}; local state deleted")
-        return EXIT_OK
-    finally:
-        await rt.close(revoke=False)
-
-
-async def _with_scheme(config: Config, name: str, step: Callable[[Any, Any], Awaitable[None]]) -> int:
-    from authproxy.schemes.base import CliIO, CredentialError, NotSupported
-
-    rt = await _open(config, name)
-    try:
-        try:
-            await step(rt, CliIO())
-        except NotSupported as e:
-            print(f"authproxy: {name}: {e}", file=sys.stderr)
             return EXIT_USAGE
-        except CredentialError as e:
-            print(f"authproxy: {name}: {e.message}", file=sys.stderr)
-            return EXIT_FAIL
-        return EXIT_OK
-    finally:
-        await rt.close(revoke=False)
+        if key is None:
+            print(f"authproxy: service {rt.name} does not issue on-behalf-of tokens", file=sys.stderr)
+            return EXIT_USAGE
+    try:
+        cred = await rt.creds.get(key)
+    except UpstreamReply as e:
+        print(f"authproxy: {rt.name}: the upstream refused: HTTP {e.status} {e.body[:300].decode('utf-8', 'replace')}", file=sys.stderr)
+        return EXIT_FAIL
+    print(json.dumps(rt.scheme.exported(cred)) if as_json else rt.scheme.printable(cred))
+    return EXIT_OK
+
+
+async def _logout(rt: Any) -> int:
+    n = await rt.creds.logout()
+    print(f"{rt.name}: revoked {n} credential{'s' if n != 1 else ''}; local state deleted")
+    return EXIT_OK
+
+
+async def _done(step: Awaitable[None]) -> int:
+    await step
+    return EXIT_OK
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import TYPE_CHECKING, AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncIterator
 
 import aiohttp
 from aiohttp import web
@@ -78,6 +78,19 @@ def _connection_named(headers: "CIMultiDict[str] | web.BaseRequest") -> frozense
     return names
 
 
+def _end_to_end(headers: Any, drop: frozenset[str]) -> CIMultiDict[str]:
+    """A copy of ``headers`` without ``drop`` and the names ``Connection`` lists (both
+    directions of the proxy use it)."""
+    named = _connection_named(headers)
+    out: CIMultiDict[str] = CIMultiDict()
+    for k, v in headers.items():
+        lk = k.lower()
+        if lk in drop or lk in named:
+            continue
+        out.add(k, v)
+    return out
+
+
 def strip_params(query: str, names: frozenset[str], values: frozenset[str]) -> str:
     from urllib.parse import unquote_plus
 
@@ -112,14 +125,7 @@ class Forwarder:
 
     # ------------------------------------------------------------------ request side
     def _headers(self, request: web.BaseRequest, request_id: str) -> CIMultiDict[str]:
-        drop = self.drop
-        named = _connection_named(request.headers)  # type: ignore[arg-type]
-        out: CIMultiDict[str] = CIMultiDict()
-        for k, v in request.headers.items():
-            lk = k.lower()
-            if lk in drop or lk in named:
-                continue
-            out.add(k, v)
+        out = _end_to_end(request.headers, self.drop)
         remote = request.remote or ""
         prior = request.headers.getall("X-Forwarded-For", ())
         if prior or remote:
@@ -256,15 +262,10 @@ class Forwarder:
 
     # ------------------------------------------------------------------ response side
     def _response_headers(self, resp: UpstreamResponse, cred: Credential) -> CIMultiDict[str]:
-        named = _connection_named(resp.headers)  # type: ignore[arg-type]
-        out: CIMultiDict[str] = CIMultiDict()
-        for k, v in resp.headers.items():
-            lk = k.lower()
-            if lk in HOP_BY_HOP or lk in named:
-                continue
-            if lk == "location":
-                v = self.rewrite_location(v, cred)
-            out.add(k, v)
+        out = _end_to_end(resp.headers, HOP_BY_HOP)
+        location = out.get("Location")
+        if location is not None:
+            out["Location"] = self.rewrite_location(location, cred)
         return out
 
     def rewrite_location(self, location: str, cred: Credential | None) -> str:
