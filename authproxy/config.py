@@ -67,6 +67,16 @@ class InboundConfig:
     keys: tuple[Secret, ...] = ()
     hosts: tuple[str, ...] = ()
     allow_origins: tuple[str, ...] = ()
+    idle_timeout: float = 75.0  # an idle keep-alive client connection is closed after this
+    header_timeout: float = 10.0  # a request head must arrive whole within this of its first byte
+    max_connections: int = 4096  # past it, new connections wait in the kernel's backlog
+
+    def check(self) -> None:
+        for name in ("idle_timeout", "header_timeout"):
+            if getattr(self, name) <= 0:
+                raise FieldError(name, "must be greater than 0")
+        if self.max_connections < 1:
+            raise FieldError("max_connections", "must be at least 1")
 
 
 @dataclass(frozen=True)
@@ -95,6 +105,11 @@ class Upstream:
         default = 443 if self.scheme == "https" else 80
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{self.scheme}://{host}" + ("" if self.port == default else f":{self.port}")
+
+    @property
+    def authority(self) -> str:
+        """The ``Host`` header value for this origin (no port when it is the default)."""
+        return self.origin.split("://", 1)[1]
 
     @property
     def url(self) -> str:

@@ -11,13 +11,14 @@ from __future__ import annotations
 import hmac
 import re
 from typing import Mapping
+from urllib.parse import unquote
 
 from authproxy.config import InboundConfig, Listen
 from authproxy.proxy.errors import ProxyError
 
 LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]", "::1"})
 KEY_HEADER = "X-Authproxy-Key"
-_DOT_SEGMENT = re.compile(r"(?:^|/)(?:\.|%2e){1,2}(?:/|$)", re.IGNORECASE)
+_SEGMENT_SPLIT = re.compile(r"[/\\]")
 
 
 def split_host(value: str) -> tuple[str, str | None]:
@@ -56,17 +57,23 @@ class Guard:
         self._seen_hosts: set[str] = set()
 
     @staticmethod
+    def check_method(method: str) -> None:
+        """``TRACE`` would make an upstream that reflects requests hand back the
+        injected credential; ``CONNECT`` is only for forward-proxy mode."""
+        if method == "TRACE" or method == "CONNECT":
+            raise ProxyError("bad_request", f"{method} is not proxied", status=405)
+
+    @staticmethod
     def check_target(raw_path: str) -> None:
         """``bad_request`` for what must never be forwarded: absolute-form or authority
         targets, and dot-segments that could climb out of a service's base path."""
         if not raw_path.startswith("/"):
             raise ProxyError("bad_request", "the request target must be a path (absolute-form and authority-form are not proxied)")
         path = raw_path.split("?", 1)[0]
-        # A dot-segment starts right after a '/': only such paths pay for the regex.
-        if ("/." in path or "/%2" in path) and _DOT_SEGMENT.search(path):
-            raise ProxyError("bad_request", "the path must not contain '.' or '..' segments")
         if "#" in raw_path or "\\" in path or "\0" in path:
             raise ProxyError("bad_request", "the path contains a character that is not allowed")
+        if ("." in path or "%" in path) and _climbs(path):
+            raise ProxyError("bad_request", "the path must not contain '.' or '..' segments (plain or percent-encoded)")
 
     def check_host(self, headers: Mapping[str, str]) -> None:
         value = headers.get("Host")
@@ -104,3 +111,13 @@ class Guard:
 
     def allows_origin_header(self, origin: str | None) -> bool:
         return origin is not None and origin.rstrip("/").lower() in self._origins
+
+
+def _climbs(path: str) -> bool:
+    """A path that, with its escapes decoded once, has a ``.``/``..`` segment (split on
+    ``/`` or ``\\``) or a segment starting ``..;``: an upstream that decodes it, or a
+    servlet container that strips ``;`` parameters, would leave the base path."""
+    for seg in _SEGMENT_SPLIT.split(unquote(path)):
+        if seg == "." or seg == ".." or seg.startswith("..;"):
+            return True
+    return False
