@@ -359,3 +359,40 @@ async def test_tls_upstream_with_ca_file(tmp_path, upstream, proxy):
         assert status == 502 and got["error"] == "upstream_unreachable"
     finally:
         await runner.cleanup()
+
+
+async def test_set_cookie_is_scoped_to_its_service(upstream, proxy):
+    """A cookie one upstream sets for ``/`` must not be sent by a client's cookie jar
+    to another service behind the same proxy address."""
+
+    async def setter(request: web.Request) -> web.Response:
+        r = web.Response(text="set")
+        r.headers.add("Set-Cookie", "sid=abc; Path=/; Domain=example.com; HttpOnly")
+        r.headers.add("Set-Cookie", "v2=1; Path=/api/v2")
+        return r
+
+    seen: list[str | None] = []
+
+    async def other(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("Cookie"))
+        return web.Response(text="other")
+
+    a = web.Application()
+    a.router.add_route("*", "/{tail:.*}", setter)
+    b = web.Application()
+    b.router.add_route("*", "/{tail:.*}", other)
+    up_a = await upstream(a)
+    up_b = await upstream(b)
+    p = await proxy({"services": {"a": bearer(up_a + "/api"), "b": bearer(up_b)}})
+    jar = aiohttp.CookieJar(unsafe=True)
+    async with aiohttp.ClientSession(cookie_jar=jar) as s:
+        async with s.get(p.url + "/a/login") as r:
+            assert r.status == 200
+            cookies = r.headers.getall("Set-Cookie")
+        assert cookies[0] == "sid=abc; Path=/a; HttpOnly"
+        assert cookies[1] == "v2=1; Path=/a/v2"
+        async with s.get(p.url + "/b/x") as r:
+            assert r.status == 200
+        async with s.get(p.url + "/a/v2/x") as r:
+            assert r.status == 200
+    assert seen == [None]
