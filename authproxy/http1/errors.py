@@ -50,3 +50,9 @@ class UpstreamTimeout(UpstreamError, asyncio.TimeoutError):
 
 class RequestBodyError(UpstreamError):
     """The request body stream given to the pool failed or did not match its declared length."""
+
+
+class ClientDisconnected(ConnectionError):
+    """The client connection is gone (closed, reset, aborted, or already answered and
+    closing): nothing more can be sent on it. Raised by the server's respond/start/
+    write/end; the engine treats one escaping a handler as expected (no log)."""

@@ -1,0 +1,354 @@
+"""The SPEC's framing rules for requests from clients, and the framing of our responses.
+
+llhttp (through ``httptools``, strict: no leniency is ever enabled) does the
+parsing; it already refuses most malformed input. What it accepts but the SPEC
+does not (two spaces in the request line, ``HTTP/2.0`` or ``HTTP/0.9``,
+``Transfer-Encoding: gzip, chunked``, a 19-digit ``Content-Length``, a head of
+any size, chunk extensions of any size, ``Transfer-Encoding`` on HTTP/1.0,
+bare CR/LF before the request line, several ``Host`` headers) is refused here,
+from the parser's callbacks. Every refusal is a :class:`FramingError` with a
+short plain reason, never llhttp's message (which may quote the client's bytes).
+
+One :class:`RequestParser` (and one llhttp parser) per request message: llhttp
+would happily run into the next pipelined message, so the parser is fed only
+up to where this message can end and reports how much it consumed. A head or a
+chunked body can only end right after a CRLFCRLF (strict llhttp admits no other
+line end), so data is fed in pieces split after each CRLFCRLF and the end is
+always a piece boundary; a ``Content-Length`` body is fed exactly its length.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Iterable, Mapping
+
+import httptools
+from multidict import CIMultiDict
+
+from .errors import FramingError
+
+MAX_CONTENT_LENGTH_DIGITS = 18
+CHUNK_OVERHEAD_PER_CHUNK = 16 + 4  # 16 hex digits, CRLF after the size, CRLF after the data
+CHUNK_EXTENSIONS_BUDGET = 1024
+_CRLF2 = b"\r\n\r\n"
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_BAD_VALUE = re.compile(rb"[\x00\r\n]")
+_VERSIONS = ("1.0", "1.1")
+# llhttp's reason → ours; the first matching fragment wins. Unknown ones fall back per phase.
+_LLHTTP_REASONS = (  # llhttp's message (lowercased) → ours; the first matching fragment wins
+    ("can't be present with", "both Content-Length and Transfer-Encoding"),
+    ("duplicate content-length", "several Content-Length headers"),
+    ("content-length", "invalid Content-Length"),
+    ("transfer-encoding", "invalid Transfer-Encoding"),
+    ("chunk", "malformed chunked body"),
+    ("header", "malformed header"),
+    ("version", "malformed request line"),
+    ("http/", "malformed request line"),
+    ("method", "malformed request line"),
+)
+
+
+@dataclass(slots=True)
+class RequestHead:
+    """What the engine and the handler need to know about a request head."""
+
+    method: str
+    target: str
+    version: str
+    headers: CIMultiDict[str]
+    content_length: int | None
+    chunked: bool
+    keep_alive: bool
+    upgrade: bool
+    expect_continue: bool
+
+    @property
+    def has_body(self) -> bool:
+        return self.chunked or bool(self.content_length)
+
+
+def _llhttp_reason(exc: Exception, in_head: bool) -> str:
+    if isinstance(exc, httptools.HttpParserInvalidURLError):
+        return "malformed request target"
+    if isinstance(exc, httptools.HttpParserInvalidMethodError):
+        return "malformed request line"
+    message = str(exc).lower()
+    for fragment, reason in _LLHTTP_REASONS:
+        if fragment in message:
+            return reason
+    return "malformed request head" if in_head else "malformed request body"
+
+
+def _tokens(values: Iterable[str]) -> set[str]:
+    return {t.strip(" \t").lower() for v in values for t in v.split(",")}
+
+
+class RequestParser:
+    """One request message, fed with :meth:`feed` until :attr:`complete`.
+
+    Body bytes are collected in :attr:`body` for the owner to take after each
+    feed. Raises :class:`FramingError` on anything the SPEC refuses."""
+
+    def __init__(self, max_head: int = 64 * 1024) -> None:
+        self._parser = httptools.HttpRequestParser(self)
+        self._max_head = max_head
+        self._head_buf = bytearray()  # every byte fed before the head completed (≤ max_head)
+        self._url = bytearray()
+        self._headers: CIMultiDict[str] = CIMultiDict()
+        self._cl: int | None = None
+        self._te = False
+        self._hosts = 0
+        self._last3 = b""  # the last bytes fed, to find a CRLFCRLF split across two reads
+        self._begun = False
+        self._error: FramingError | None = None
+        self._body_fed = 0  # bytes fed after the head (chunked overhead accounting)
+        self._chunks = 0
+        self.head: RequestHead | None = None
+        self.body: list[bytes] = []
+        self.body_received = 0
+        self.complete = False
+        self.started = False  # a first byte of this message arrived
+
+    # -- feeding -----------------------------------------------------------------
+
+    def feed(self, data: bytes) -> int:
+        """Feed ``data``; returns how many bytes belong to this message. The rest
+        (when :attr:`complete`) is the next message, or raw bytes after an upgrade."""
+        if data:
+            self.started = True
+        view = memoryview(data)
+        pos, n = 0, len(data)
+        while pos < n and not self.complete:
+            head = self.head
+            if head is None:
+                end = self._next_split(data, pos)
+                budget = self._max_head - len(self._head_buf)
+                if end - pos > budget:
+                    end = pos + budget
+                self._head_buf += view[pos:end]
+            elif head.chunked:
+                end = self._next_split(data, pos)
+            else:
+                end = min(n, pos + (head.content_length or 0) - self.body_received)
+                if end <= pos:  # llhttp should have completed the message; never expected
+                    raise FramingError("malformed request")
+            piece = view[pos:end]
+            upgraded_at = self._feed(piece, head is None)
+            self._last3 = (self._last3 + bytes(view[max(pos, end - 3) : end]))[-3:]
+            if upgraded_at is not None:
+                return pos + upgraded_at
+            if self.head is None:
+                if len(self._head_buf) >= self._max_head:
+                    raise FramingError("request head too large")
+            else:
+                if head is not None:
+                    self._body_fed += end - pos
+                elif not self.complete:  # the head ended here; what follows is body
+                    self._body_fed = 0
+                self._check_chunk_overhead()
+            pos = end
+        return pos
+
+    def _next_split(self, data: bytes, pos: int) -> int:
+        """Just past the next CRLFCRLF from ``pos`` (counting bytes already fed), or the end."""
+        if self._last3:
+            i = (self._last3 + data[pos : pos + 3]).find(_CRLF2)
+            if i != -1:
+                return pos + i + 4 - len(self._last3)
+        i = data.find(_CRLF2, pos)
+        return len(data) if i == -1 else i + 4
+
+    def _feed(self, piece: memoryview, in_head: bool) -> int | None:
+        """Feed llhttp; returns the upgrade offset within ``piece`` when the message became raw."""
+        try:
+            self._parser.feed_data(piece)
+        except httptools.HttpParserUpgrade as exc:
+            return self._upgraded(piece, int(exc.args[0]))
+        except httptools.HttpParserError as exc:
+            if self._error is not None:
+                raise self._error from None
+            raise FramingError(_llhttp_reason(exc, in_head)) from None
+        if self._error is not None:  # raised in a callback llhttp doesn't check (never expected)
+            raise self._error
+        return None
+
+    def _upgraded(self, piece: memoryview, offset: int) -> int | None:
+        """llhttp skips the body of an Upgrade request and hands back the rest as raw.
+        Such a body is still a body if the handler declines the upgrade: it is decoded
+        by a body-only llhttp parser (a fixed synthetic head giving the same framing)."""
+        head = self.head
+        assert head is not None
+        if head.method == "CONNECT" or not head.has_body:
+            self.complete = True
+            return offset
+        framing = b"Transfer-Encoding: chunked" if head.chunked else b"Content-Length: %d" % head.content_length
+        self._parser = httptools.HttpRequestParser(_BodyOnly(self))
+        self._parser.feed_data(b"PUT / HTTP/1.1\r\nHost: body\r\n" + framing + b"\r\n\r\n")
+        self.complete = False
+        rest = piece[offset:]
+        if rest:
+            self._body_fed += len(rest)
+            upgraded = self._feed(rest, False)
+            assert upgraded is None
+            self._check_chunk_overhead()
+        return None
+
+    def _check_chunk_overhead(self) -> None:
+        """httptools does not expose chunk extensions: bound them by what llhttp consumed
+        beyond the body bytes it delivered (sizes, CRLFs, extensions, trailers)."""
+        if self.head is not None and self.head.chunked:
+            allowed = (self._chunks + 1) * CHUNK_OVERHEAD_PER_CHUNK + CHUNK_EXTENSIONS_BUDGET
+            if self._body_fed - self.body_received > allowed:
+                raise FramingError("chunk extensions too long")
+
+    def _fail(self, reason: str) -> FramingError:
+        self._error = FramingError(reason)
+        return self._error
+
+    # -- llhttp callbacks --------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self._begun:  # llhttp ran into a next message: never expected given the splits
+            raise self._fail("malformed request")
+        self._begun = True
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not _TOKEN.fullmatch(name):
+            raise self._fail("malformed header")
+        if _BAD_VALUE.search(value):
+            raise self._fail("malformed header")
+        if self.head is not None:  # a trailer field: checked, then dropped
+            return
+        value = value.strip(b" \t")
+        lname = name.lower()
+        if lname == b"content-length":
+            if self._cl is not None:
+                raise self._fail("several Content-Length headers")
+            if not value.isdigit() or len(value) > MAX_CONTENT_LENGTH_DIGITS:
+                raise self._fail("invalid Content-Length")
+            self._cl = int(value)
+        elif lname == b"transfer-encoding":
+            if self._te:
+                raise self._fail("repeated Transfer-Encoding")
+            if value.lower() != b"chunked":
+                raise self._fail("invalid Transfer-Encoding")
+            self._te = True
+        elif lname == b"host":
+            self._hosts += 1
+        self._headers.add(name.decode("latin-1"), value.decode("latin-1"))
+
+    def on_headers_complete(self) -> None:
+        version = self._parser.get_http_version()
+        if version not in _VERSIONS:
+            raise self._fail("unsupported HTTP version")
+        method = self._parser.get_method()
+        self._check_request_line(method, version)
+        if self._cl is not None and self._te:
+            raise self._fail("both Content-Length and Transfer-Encoding")
+        if self._te and version == "1.0":
+            raise self._fail("Transfer-Encoding in an HTTP/1.0 request")
+        if self._hosts > 1 or (self._hosts == 0 and version == "1.1"):
+            raise self._fail("missing or repeated Host header")
+        headers = self._headers
+        conn = _tokens(headers.getall("Connection", ()))
+        keep_alive = "close" not in conn if version == "1.1" else "keep-alive" in conn
+        head = RequestHead(
+            method=method.decode("ascii"),
+            target=self._url.decode("latin-1"),
+            version=version,
+            headers=headers,
+            content_length=self._cl,
+            chunked=self._te,
+            keep_alive=keep_alive,
+            upgrade=self._parser.should_upgrade(),
+            expect_continue=False,
+        )
+        head.expect_continue = (
+            version == "1.1"
+            and head.has_body
+            and headers.get("Expect", "").lower() == "100-continue"
+        )
+        self.head = head
+
+    def _check_request_line(self, method: bytes, version: str) -> None:
+        """Exactly ``METHOD SP target SP HTTP/1.x CRLF`` (after optional empty CRLF
+        lines): compared byte for byte with what llhttp parsed, which tolerates
+        several spaces and a bare CR or LF before the request line."""
+        buf = self._head_buf
+        start = 0
+        while buf.startswith(b"\r\n", start):
+            start += 2
+        line_end = buf.find(b"\r\n", start)
+        expected = b"%s %s HTTP/%s" % (method, self._url, version.encode())
+        if line_end == -1 or buf[start:line_end] != expected:
+            raise self._fail("malformed request line")
+
+    def on_body(self, body: bytes) -> None:
+        self.body.append(body)
+        self.body_received += len(body)
+
+    def on_chunk_header(self) -> None:
+        self._chunks += 1
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+
+
+class _BodyOnly:
+    """Callbacks of the body-only parser of a declined upgrade: body and chunks go to
+    the request's parser; the synthetic head is not the client's."""
+
+    def __init__(self, owner: RequestParser) -> None:
+        self.on_body = owner.on_body
+        self.on_chunk_header = owner.on_chunk_header
+        self.on_message_complete = owner.on_message_complete
+        self._owner = owner
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._owner.head is not None and self._owner.body_received + self._owner._chunks:
+            self._owner.on_header(name, value)  # trailers of the real body
+
+
+# -- responses ---------------------------------------------------------------------
+
+_DROPPED = frozenset(("content-length", "transfer-encoding", "connection"))
+_REASON_BAD = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_TOKEN_STR = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+
+def response_head(
+    status: int,
+    reason: str,
+    headers: Iterable[tuple[str, str]],
+    framing: list[tuple[str, str]],
+    *,
+    keep_content_length: bool = False,
+) -> bytes:
+    """Serialise a response head: the caller's end-to-end headers without their
+    framing (``framing`` is the engine's own), one latin-1 string, CRLF line ends.
+    A CR, LF or NUL in a name or value is a bug of the caller (ValueError), never
+    a header injection. ``keep_content_length`` passes the caller's length (HEAD)."""
+    if not 100 <= status <= 999:
+        raise ValueError(f"bad status {status}")
+    lines = [f"HTTP/1.1 {status} {_REASON_BAD.sub(' ', reason)}"]
+    items = headers.items() if isinstance(headers, Mapping) else headers
+    for name, value in items:
+        lname = name.lower()
+        if lname in _DROPPED:
+            if not (keep_content_length and lname == "content-length" and value.strip().isdigit()):
+                continue
+            value = value.strip()
+        if not _TOKEN_STR.fullmatch(name):
+            raise ValueError(f"bad response header name {name!r}")
+        lines.append(f"{name}: {value}")
+    for name, value in framing:
+        lines.append(f"{name}: {value}")
+    text = "\r\n".join(lines)
+    breaks = len(lines) - 1
+    if text.count("\n") != breaks or text.count("\r") != breaks or "\0" in text:
+        raise ValueError("CR, LF or NUL in a response header value")
+    return (text + "\r\n\r\n").encode("latin-1")
