@@ -17,7 +17,7 @@ import aiohttp
 from authproxy.config import ServiceConfig
 from authproxy.credentials import ServiceCredentials
 from authproxy.observe import Metrics
-from authproxy.proxy.upstream import UpstreamPool
+from authproxy.http1.pool import Pool
 from authproxy.schemes import SCHEMES
 from authproxy.schemes.base import Scheme, SchemeContext
 from authproxy.state import StateDir
@@ -60,15 +60,16 @@ class ServiceRuntime:
         self.tls = ssl_context(cfg.ca_file) if cfg.upstream.scheme == "https" or cfg.ca_file else None
         self.session = make_session(cfg, self.tls)  # credential requests
         up = cfg.upstream
-        self.pool = UpstreamPool(  # proxied requests: the lean keep-alive client
-            up.scheme,
+        self.pool = Pool(  # proxied requests: the engine's keep-alive client
             up.host,
             up.port,
-            ssl=self.tls,
+            ssl=self.tls if up.scheme == "https" else None,
+            server_hostname=up.host if up.scheme == "https" else None,
             connect_timeout=cfg.timeout.connect,
             total_timeout=cfg.timeout.total,
             limit=POOL_LIMIT,
-            keepalive=KEEPALIVE,
+            idle_timeout=KEEPALIVE,
+            host_header=up.authority,
         )
         self.ctx = SchemeContext(
             cfg,

@@ -3,7 +3,7 @@
 
 Compares (a) ``aiohttp.ClientSession`` configured as the proxy configured it
 (``authproxy.runtime.make_session``'s settings, the forwarder's request call) with
-(b) :class:`authproxy.proxy.upstream.UpstreamPool`, issuing small keep-alive GETs
+(b) :class:`authproxy.http1.pool.Pool`, issuing small keep-alive GETs
 with a proxy-like set of headers and reading each small JSON reply whole.
 
 The upstream runs in a *separate process* (nginx, or a tiny raw asyncio server)
@@ -40,7 +40,7 @@ import aiohttp  # noqa: E402
 from multidict import CIMultiDict  # noqa: E402
 from yarl import URL  # noqa: E402
 
-from authproxy.proxy.upstream import UpstreamPool  # noqa: E402
+from authproxy.http1.pool import Pool  # noqa: E402
 
 BODY = b'{"id": 42, "name": "small", "ok": true, "items": [1, 2, 3]}\n'
 RAW_REPLY = (
@@ -182,11 +182,11 @@ async def run_aiohttp(port: int, path: str, n: int, conc: int) -> None:
 
 
 async def run_pool(port: int, path: str, n: int, conc: int) -> None:
-    pool = UpstreamPool("http", "127.0.0.1", port, ssl=None, connect_timeout=10, total_timeout=300)
+    pool = Pool("127.0.0.1", port, connect_timeout=10, total_timeout=300)
     try:
         async def one() -> None:
             resp = await pool.request("GET", path, CIMultiDict(HEADERS))
-            body = await resp.read()  # releases
+            body = await resp.read_all()  # releases
             assert resp.status == 200 and body == BODY
 
         await drive(one, n, conc)
@@ -248,10 +248,10 @@ def main() -> None:
         try:
             rows = []
             for label, conc in (("seq", 1), (f"conc{a.concurrency}", a.concurrency)):
-                got: dict[str, list[tuple[float, float]]] = {"aiohttp.ClientSession": [], "UpstreamPool": []}
+                got: dict[str, list[tuple[float, float]]] = {"aiohttp.ClientSession": [], "http1.Pool": []}
                 for _ in range(a.rounds):
                     got["aiohttp.ClientSession"].append(measure(run_aiohttp, port, path, a.n, conc, a.uvloop))
-                    got["UpstreamPool"].append(measure(run_pool, port, path, a.n, conc, a.uvloop))
+                    got["http1.Pool"].append(measure(run_pool, port, path, a.n, conc, a.uvloop))
                 med = {k: (statistics.median(c for c, _ in v), statistics.median(w for _, w in v)) for k, v in got.items()}
                 base = med["aiohttp.ClientSession"][0]
                 for k, (cpu, wall) in med.items():

@@ -1,6 +1,6 @@
 """The proxy process: listeners, the request pipeline, reserved endpoints, reload, shutdown.
 
-It uses aiohttp's low-level server (no router, no middleware chain): a request
+It runs on authproxy's own HTTP/1.1 engine (:mod:`authproxy.http1`): a request
 goes guard → router → forwarder in straight-line code, which is both the
 cheapest path per request and the easiest to read.
 """
@@ -21,13 +21,14 @@ import time
 from typing import Any
 from urllib.parse import parse_qsl
 
-from aiohttp import web
-
 from authproxy import systemd
 from authproxy.config import Config, ConfigError, load_config
 from authproxy.observe import Metrics, access_log, log_event, setup_logging
-from authproxy.proxy.errors import ProxyError, error_response
-from authproxy.proxy.forward import HOP_BY_HOP, Forwarder, _Passthrough
+from authproxy.http1.listener import raise_nofile_limit
+from authproxy.http1.server import Exchange, Server, ServerLimits
+from authproxy.proxy.errors import ProxyError, error_parts, reason
+from authproxy.proxy.forward import Forwarder, Passthrough
+from authproxy.proxy.headers import RESPONSE_DROP
 from authproxy.proxy.guard import Guard
 from authproxy.proxy.routing import Router
 from authproxy.runtime import ServiceRuntime
@@ -49,8 +50,7 @@ class ProxyServer:
         self.forwarders: dict[str, Forwarder] = {}
         self.router: Router[Forwarder] = Router([])
         self.guard = Guard(config.inbound, config.listen)
-        self._runner: web.ServerRunner | None = None
-        self._sites: list[web.BaseSite] = []
+        self._server: Server | None = None
         self._inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -80,41 +80,39 @@ class ProxyServer:
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         self._install(self.config, self._build(self.config, {}))
-        # 256 KiB reads for request bodies (the default 64 KiB pauses a large upload 4× as often)
-        server = web.Server(self.handle, access_log=None, handler_cancellation=False, read_bufsize=256 * 1024)
-        self._runner = web.ServerRunner(server, handle_signals=False, access_log=None)
-        await self._runner.setup()
+        _, open_files = raise_nofile_limit()
+        inbound = self.config.inbound
+        limits = ServerLimits(
+            idle_timeout=inbound.idle_timeout,
+            header_timeout=inbound.header_timeout,
+            max_connections=inbound.max_connections,
+        )
+        self._server = server = Server(self.handle, self._framing_error, limits)
         listen = self.config.listen
         inherited = systemd.listen_fds() if os.environ.get("LISTEN_FDS") else []
         if inherited:
             for sock in inherited:
                 _check_inherited(sock, self.config)
-                self._sites.append(web.SockSite(self._runner, sock))
+                await server.listen_socket(sock)
         elif listen.kind == "unix":
             _clear_stale_socket(listen.path)
-            self._sites.append(web.UnixSite(self._runner, listen.path))
-        else:
-            self._sites.append(web.TCPSite(self._runner, listen.host, listen.port, reuse_address=True, backlog=1024))
-        for site in self._sites:
-            await site.start()
-        if listen.kind == "unix" and not inherited:
+            await server.listen_unix(listen.path)
             os.chmod(listen.path, 0o660)
+        else:
+            await server.listen_tcp(listen.host, listen.port, backlog=1024)
         for rt in self.runtimes.values():
             rt.creds.start()
-        log_event(log, logging.INFO, "listening", address=", ".join(self.addresses()), services=len(self.runtimes))
+        log_event(log, logging.INFO, "listening", address=", ".join(self.addresses()), services=len(self.runtimes), open_files=open_files)
         systemd.notify("READY=1", f"STATUS=serving {len(self.runtimes)} services")
 
     def addresses(self) -> list[str]:
         out: list[str] = []
-        for site in self._sites:
-            server = getattr(site, "_server", None)
-            for sock in getattr(server, "sockets", None) or ():
-                addr = sock.getsockname()
-                if isinstance(addr, tuple):
-                    host = f"[{addr[0]}]" if ":" in addr[0] else addr[0]
-                    out.append(f"{host}:{addr[1]}")
-                else:
-                    out.append(f"unix:{addr}")
+        for addr in self._server.addresses() if self._server is not None else ():
+            if isinstance(addr, tuple):
+                host = f"[{addr[0]}]" if ":" in addr[0] else addr[0]
+                out.append(f"{host}:{addr[1]}")
+            else:
+                out.append(f"unix:{addr}")
         return out
 
     @property
@@ -179,17 +177,15 @@ class ProxyServer:
         self.stopping = True
         systemd.notify("STOPPING=1")
         log_event(log, logging.INFO, "stopping", inflight=self._inflight)
-        for site in self._sites:
-            server = getattr(site, "_server", None)
-            if server is not None:
-                server.close()  # stop accepting; established connections go on
+        if self._server is not None:
+            self._server.stop_accepting()  # established connections go on
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._idle.wait(), self.config.shutdown_timeout)
         if self._inflight:
             log_event(log, logging.WARNING, "shutdown_timeout", abandoned=self._inflight)
-        if self._runner is not None:
+        if self._server is not None:
             with contextlib.suppress(asyncio.TimeoutError, Exception):
-                await asyncio.wait_for(self._runner.cleanup(), 2.0)
+                await self._server.close(2.0)
         all_rts = list(self.runtimes.values())
         for t in list(self._retiring):
             t.cancel()
@@ -209,23 +205,24 @@ class ProxyServer:
         access_log.flush()
 
     # ------------------------------------------------------------------ the request pipeline
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def handle(self, ex: Exchange) -> None:
         started = time.perf_counter()
         self._inflight += 1
         self._idle.clear()
-        raw = request.raw_path
-        rid = request.headers.get("X-Request-Id")
+        raw = ex.target
+        rid = ex.headers.get("X-Request-Id")
         if rid is None or not _REQUEST_ID.match(rid):
             rid = f"{self._rid_prefix}{next(self._rid_counter):06x}"
         service: str | None = None
         status = 500
         try:
             if raw.startswith("/-/"):
-                resp = await self._reserved(request, raw)
+                status = await self._reserved(ex, raw)
             else:
-                Guard.check_target(raw)
-                headers = request.headers
                 guard = self.guard
+                headers = ex.headers
+                guard.check_method(ex.method)
+                Guard.check_target(raw)
                 guard.check_host(headers)
                 guard.check_origin(headers)
                 guard.check_key(headers)
@@ -238,39 +235,50 @@ class ProxyServer:
                 rt = fwd.rt
                 rt.enter()
                 try:
-                    resp = await fwd.forward(request, rest, query, rid)
+                    await fwd.forward(ex, rest, query, rid)
                 finally:
                     rt.leave()
-            status = resp.status
-            return resp
+                status = ex.status or 502
         except ProxyError as e:
             service = service or e.service
-            resp = error_response(e)
-            resp.headers["X-Request-Id"] = rid
-            status = resp.status
-            return resp
-        except _Passthrough as e:
+            status = await self._refuse(ex, e, rid)
+        except Passthrough as e:
             r = e.reply
-            headers = {k: v for k, v in r.headers.items() if k.lower() not in HOP_BY_HOP and k.lower() != "content-length"}
-            resp = web.Response(status=r.status, body=r.body, headers=headers)
+            headers = [(k, v) for k, v in r.headers.items() if k.lower() not in RESPONSE_DROP]
             status = r.status
-            return resp
+            await ex.respond(r.status, reason(r.status), headers, r.body)
         finally:
             elapsed = time.perf_counter() - started
             self.metrics.request(service or "-", status, elapsed)
-            access_log.log(rid, request.remote, request.method, mask_url(raw, self._secret_params), service, status, elapsed)
+            access_log.log(rid, ex.peer, ex.method, mask_url(raw, self._secret_params), service, status, elapsed)
             self._inflight -= 1
             if self._inflight == 0:
                 self._idle.set()
 
-    async def _reserved(self, request: web.BaseRequest, raw: str) -> web.StreamResponse:
+    async def _refuse(self, ex: Exchange, err: ProxyError, rid: str) -> int:
+        if ex.status is not None:
+            ex.abort()  # a response had already begun: the client must see it broken
+            return ex.status
+        status, headers, body = error_parts(err)
+        headers.append(("X-Request-Id", rid))
+        await ex.respond(status, reason(status), headers, body)
+        return status
+
+    def _framing_error(self, why: str, ex: Exchange | None) -> tuple[int, list[tuple[str, str]], bytes]:
+        """A request the engine refused as malformed: one log line, the JSON error."""
+        peer = ex.peer if ex is not None else None
+        log_event(log, logging.WARNING, "bad_request", client=peer, reason=why)
+        self.metrics.request("-", 400, 0.0)
+        return error_parts(ProxyError("bad_request", f"malformed request: {why}"))
+
+    async def _reserved(self, ex: Exchange, raw: str) -> int:
         path, _, query = raw.partition("?")
-        if request.method not in ("GET", "HEAD"):
-            raise ProxyError("bad_request", f"{path} answers GET only")
+        if ex.method not in ("GET", "HEAD"):
+            raise ProxyError("bad_request", f"{path} answers GET only", status=405)
         if path == "/-/healthz":
-            return _json(200, {"status": "ok"})
+            return await _json(ex, 200, {"status": "ok"})
         if path.startswith("/-/callback/"):
-            self.guard.check_host(request.headers)
+            self.guard.check_host(ex.headers)
             name = path[len("/-/callback/"):]
             rt = self.runtimes.get(name)
             if rt is None:
@@ -280,9 +288,10 @@ class ProxyServer:
             if len(params) != len(pairs):
                 raise ProxyError("bad_request", "a parameter is repeated in the callback (RFC 6749 §3.1)", name)
             status, text = await rt.scheme.callback(params)
-            return web.Response(status=status, text=text, content_type="text/html", headers={"Cache-Control": "no-store"})
-        self.guard.check_origin(request.headers)
-        self.guard.check_key(request.headers)
+            await ex.respond(status, reason(status), [("Content-Type", "text/html; charset=utf-8"), ("Cache-Control", "no-store")], text.encode())
+            return status
+        self.guard.check_origin(ex.headers)
+        self.guard.check_key(ex.headers)
         if path == "/-/readyz":
             services: dict[str, Any] = {}
             ready = True
@@ -290,16 +299,19 @@ class ProxyServer:
                 st = rt.creds.status()
                 services[name] = {"state": st.state, "expires_in": st.expires_in, "last_error": st.last_error}
                 ready = ready and st.state not in NOT_READY
-            return _json(200 if ready and not self.stopping else 503, {"services": services})
+            return await _json(ex, 200 if ready and not self.stopping else 503, {"services": services})
         if path == "/-/metrics":
             for name, rt in self.runtimes.items():
                 self.metrics.set_ready(name, rt.creds.status().state == "ready")
-            return web.Response(body=self.metrics.render(), headers={"Content-Type": self.metrics.content_type})
+            await ex.respond(200, "OK", [("Content-Type", self.metrics.content_type)], self.metrics.render())
+            return 200
         raise ProxyError("no_route", f"{path} is not an authproxy endpoint")
 
 
-def _json(status: int, doc: Any) -> web.Response:
-    return web.Response(status=status, body=json.dumps(doc).encode(), content_type="application/json", headers={"Cache-Control": "no-store"})
+async def _json(ex: Exchange, status: int, doc: Any) -> int:
+    headers = [("Content-Type", "application/json"), ("Cache-Control", "no-store")]
+    await ex.respond(status, reason(status), headers, json.dumps(doc).encode())
+    return status
 
 
 def _replace_listen(cfg: Config, listen: Any) -> Config:

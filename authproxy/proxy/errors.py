@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import json
-
-from aiohttp import web
+from http import HTTPStatus
 
 REASONS = {
     "bad_request": 400,
@@ -21,22 +20,30 @@ REASONS = {
 
 
 class ProxyError(Exception):
-    """Raised anywhere on the request path; answered by :func:`error_response`."""
+    """Raised anywhere on the request path; answered by :func:`error_parts`."""
 
-    def __init__(self, code: str, message: str, service: str | None = None, retry_after: float | None = None) -> None:
+    def __init__(self, code: str, message: str, service: str | None = None, retry_after: float | None = None, status: int | None = None) -> None:
         super().__init__(message)
         self.code = code
-        self.status = REASONS[code]
+        self.status = status or REASONS[code]
         self.message = message
         self.service = service
         self.retry_after = retry_after
 
 
-def error_response(err: ProxyError) -> web.Response:
-    headers = {"X-Authproxy-Error": err.code, "Cache-Control": "no-store"}
+def error_parts(err: ProxyError) -> tuple[int, list[tuple[str, str]], bytes]:
+    """The proxy's error reply as (status, headers, body) for the HTTP engine to write."""
+    headers = [("Content-Type", "application/json"), ("X-Authproxy-Error", err.code), ("Cache-Control", "no-store")]
     if err.retry_after is not None:
-        headers["Retry-After"] = str(max(1, int(err.retry_after + 0.999)))
+        headers.append(("Retry-After", str(max(1, int(err.retry_after + 0.999)))))
     if err.code == "inbound_key_required":
-        headers["WWW-Authenticate"] = 'X-Authproxy-Key realm="authproxy"'
+        headers.append(("WWW-Authenticate", 'X-Authproxy-Key realm="authproxy"'))
     body = json.dumps({"error": err.code, "message": err.message, "service": err.service}).encode()
-    return web.Response(status=err.status, body=body, headers=headers, content_type="application/json")
+    return err.status, headers, body
+
+
+def reason(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Unknown"

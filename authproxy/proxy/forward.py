@@ -2,93 +2,48 @@
 
 The forwarder never knows how a credential was obtained: it asks the service's
 credential manager for one, lets the scheme apply it, streams the request and
-the response, and when the scheme recognises a rejection it drops the
-credential and replays the request once (if its body was kept).
+the response through the HTTP engine, and when the scheme recognises a
+rejection it drops the credential and replays the request once (if its body
+was kept).
+
+Order matters: every check runs and the credential is at hand *before* the
+request body is read, so a client that sent ``Expect: 100-continue`` gets the
+refusal instead of a ``100`` (and never uploads a body that would be refused).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from typing import TYPE_CHECKING, AsyncIterator
 
-import aiohttp
-from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
 from authproxy.credentials import Unavailable
+from authproxy.http1.errors import (
+    BodyError,
+    RequestBodyError,
+    ResponseBodyError,
+    UpstreamError,
+    UpstreamTimeout,
+)
 from authproxy.observe import log_event
+from authproxy.proxy.cookies import scope_set_cookie
 from authproxy.proxy.errors import ProxyError
-from authproxy.proxy.upstream import UpstreamResponse
+from authproxy.proxy.headers import REQUEST_DROP, RESPONSE_DROP, end_to_end
 from authproxy.schemes.base import Credential, Forbidden, Outgoing, Scheme, UpstreamReply
 from authproxy.secret import SECRET_PARAMS
 
 if TYPE_CHECKING:
+    from authproxy.http1.pool import Response
+    from authproxy.http1.server import Exchange
     from authproxy.observe import Metrics
     from authproxy.runtime import ServiceRuntime
 
 log = logging.getLogger("authproxy.proxy")
 
-# RFC 9110 §7.6.1, plus the proxy-only headers of RFC 9110 §11.7.
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "proxy-authorization",
-        "proxy-authenticate",
-    }
-)
-# Request headers the proxy itself consumes or sets.
-_REQUEST_DROP = HOP_BY_HOP | {
-    "host",
-    "content-length",
-    "expect",
-    "x-authproxy-key",
-    "x-forwarded-for",
-    "x-forwarded-proto",
-    "x-forwarded-host",
-}
 COALESCE_MAX = 64 * 1024  # replies up to this size (with a Content-Length) are read whole, then sent in one write
 ON_BEHALF_OF = "X-Authproxy-On-Behalf-Of"
-
-
-_NO_NAMES: frozenset[str] = frozenset()
-_NAMED_CACHE: dict[str, frozenset[str]] = {}
-
-
-def _connection_named(headers: "CIMultiDict[str] | web.BaseRequest") -> frozenset[str]:
-    """The header names a ``Connection`` header lists (hop-by-hop too). Peers send the
-    same few values ("keep-alive", "close"), so parsed values are remembered."""
-    values = headers.getall("Connection", ())  # type: ignore[union-attr]
-    if not values:
-        return _NO_NAMES
-    joined = ",".join(values) if len(values) > 1 else values[0]
-    names = _NAMED_CACHE.get(joined)
-    if names is None:
-        names = frozenset(t.strip().lower() for t in joined.split(",") if t.strip())
-        if len(_NAMED_CACHE) < 256:
-            _NAMED_CACHE[joined] = names
-    return names
-
-
-def _end_to_end(headers: Any, drop: frozenset[str]) -> CIMultiDict[str]:
-    """A copy of ``headers`` without ``drop`` and the names ``Connection`` lists (both
-    directions of the proxy use it)."""
-    named = _connection_named(headers)
-    out: CIMultiDict[str] = CIMultiDict()
-    for k, v in headers.items():
-        lk = k.lower()
-        if lk in drop or lk in named:
-            continue
-        out.add(k, v)
-    return out
 
 
 def strip_params(query: str, names: frozenset[str], values: frozenset[str]) -> str:
@@ -101,6 +56,14 @@ def strip_params(query: str, names: frozenset[str], values: frozenset[str]) -> s
             continue
         kept.append(part)
     return "&".join(kept)
+
+
+class Passthrough(Exception):
+    """The credential endpoint's reply goes back to the client (see UpstreamReply)."""
+
+    def __init__(self, reply: UpstreamReply) -> None:
+        super().__init__(str(reply))
+        self.reply = reply
 
 
 class Forwarder:
@@ -116,105 +79,83 @@ class Forwarder:
         self.base_path = cfg.upstream.base_path
         self.upstream = cfg.upstream
         self.max_replay = cfg.max_replay_body
-        self.drop = _REQUEST_DROP | {h.lower() for h in rt.scheme.strip_headers()}
+        self.body_timeout = cfg.timeout.total
+        self.drop = REQUEST_DROP | {h.lower() for h in rt.scheme.strip_headers()}
         self.secret_names = SECRET_PARAMS | {p.lower() for p in rt.scheme.secret_params}
-        self.origin = cfg.upstream.origin
         # Only schemes that pick a credential per request (on-behalf-of) pay for asking.
         self.wants_key = type(rt.scheme).credential_key is not Scheme.credential_key
         self.answers_locally = type(rt.scheme).local_reply is not Scheme.local_reply
 
     # ------------------------------------------------------------------ request side
-    def _headers(self, request: web.BaseRequest, request_id: str) -> CIMultiDict[str]:
-        out = _end_to_end(request.headers, self.drop)
-        remote = request.remote or ""
-        prior = request.headers.getall("X-Forwarded-For", ())
+    def _headers(self, ex: "Exchange", request_id: str) -> CIMultiDict[str]:
+        out = end_to_end(ex.headers, self.drop)
+        remote = ex.peer or ""
+        prior = ex.headers.getall("X-Forwarded-For", ())
         if prior or remote:
             out["X-Forwarded-For"] = ", ".join([*prior, remote] if remote else prior)
-        out["X-Forwarded-Proto"] = request.scheme
-        host = request.headers.get("Host")
+        out["X-Forwarded-Proto"] = "http"
+        host = ex.headers.get("Host")
         if host:
             out["X-Forwarded-Host"] = host
         out["X-Request-Id"] = request_id
         return out
 
-    async def _read_body(self, request: web.BaseRequest) -> tuple[bytes | None, object | None, bool]:
-        """→ (kept body, data to send, replayable). Bodies up to ``max_replay_body`` are
+    async def _read_body(self, ex: "Exchange") -> tuple[bytes | None, AsyncIterator[bytes] | None, bool]:
+        """→ (kept body, stream to send, replayable). Bodies up to ``max_replay_body`` are
         kept; larger ones stream through without ever being held in memory."""
-        if not request.body_exists:
-            return None, None, True
-        if request.headers.get("Expect", "").lower() == "100-continue" and request.version >= (1, 1):
-            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        content = request.content
-        length = request.content_length
+        ex.body_timeout = self.body_timeout
+        length = ex.content_length
+        parts: list[bytes] = []
+        size = 0
         try:
-            if length is not None:
-                if length <= self.max_replay:
-                    body = await content.readexactly(length) if length else b""
-                    return body, body, True
-                return None, content, False
-            # Chunked: read up to the limit; past it, send what was read and stream the rest.
-            parts: list[bytes] = []
-            size = 0
+            if length is not None and length > self.max_replay:
+                return None, _stream(ex, []), False
             while size <= self.max_replay:
-                chunk = await content.readany()
+                chunk = await ex.read()
                 if not chunk:
-                    body = b"".join(parts)
-                    return body, body, True
+                    return b"".join(parts), None, True
                 parts.append(chunk)
                 size += len(chunk)
-            return None, _prepend(parts, content), False
-        except (asyncio.IncompleteReadError, aiohttp.ClientPayloadError, ConnectionError) as e:
-            raise ProxyError("bad_request", "the request body ended before its declared length", self.name) from e
+        except BodyError as e:
+            raise ProxyError("bad_request", f"the request body did not arrive whole: {e}", self.name) from None
+        return None, _stream(ex, parts), False
 
     # ------------------------------------------------------------------ the exchange
-    async def forward(self, request: web.BaseRequest, rest: str, query: str, request_id: str) -> web.StreamResponse:
+    async def forward(self, ex: "Exchange", rest: str, query: str, request_id: str) -> int | None:
+        """Forward and answer; returns the upstream's status (None when none was had)."""
         name = self.name
         key = None
         if self.wants_key:
             try:
-                key = self.scheme.credential_key(request.headers)
+                key = self.scheme.credential_key(ex.headers)
             except Forbidden as e:
                 raise ProxyError(e.code, e.message, name) from None
-        elif ON_BEHALF_OF in request.headers:
+        elif ON_BEHALF_OF in ex.headers:
             raise ProxyError("obo_forbidden", f"service {name} does not issue on-behalf-of tokens", name)
-        headers = self._headers(request, request_id)
-        if request.body_exists:
-            body, data, replayable = await self._read_body(request)
-        else:
-            body, data, replayable = None, None, True
-        length = request.content_length if body is None and data is not None else None
-        method = request.method
+        headers = self._headers(ex, request_id)
+        cred = self.creds.ready(key)
+        if cred is None:
+            cred = await self._credential(key)  # before the body: no 100-continue for a request that will be refused
+        body: bytes | None = None
+        stream: AsyncIterator[bytes] | None = None
+        replayable = True
+        if ex.has_body:
+            body, stream, replayable = await self._read_body(ex)
+        length = ex.content_length if stream is not None else None
+        method = ex.method
         path = self.base_path + rest if rest else (self.base_path or "/")
         if self.answers_locally:
             local = self.scheme.local_reply(Outgoing(headers=headers, query=query, body=body, method=method, path=path))
             if local is not None:
-                raise _Passthrough(local)
+                raise Passthrough(local)
         attempt = 0
         while True:
-            cred = self.creds.ready(key) if attempt == 0 else None
-            if cred is None:
+            if attempt:
                 cred = await self._credential(key)
-            out = Outgoing(headers=headers, query=query, body=body, method=method, path=path)  # apply() replaces, so a replay can reuse them
+            out = Outgoing(headers=headers, query=query, body=body, method=method, path=path)
             self.scheme.apply(out, cred)
             target = f"{out.path}?{out.query}" if out.query else out.path
-            try:
-                resp = await self.pool.request(
-                    method,
-                    target,
-                    out.headers,
-                    body=out.body,
-                    stream=data if out.body is None else None,
-                    content_length=length,
-                )
-            except asyncio.TimeoutError:
-                raise ProxyError("upstream_timeout", f"{self.upstream.origin} did not answer in time", name) from None
-            except aiohttp.ClientPayloadError:
-                raise ProxyError("bad_request", "the request body could not be read", name) from None
-            except (aiohttp.ClientError, OSError) as e:
-                raise ProxyError("upstream_unreachable", f"cannot reach {self.upstream.origin}: {_why(e)}", name) from None
-            except ValueError:
-                # Only a credential with a line break can get here (aiohttp's server refuses such client input).
-                raise ProxyError("upstream_unreachable", "the request could not be built (a header value contains a line break)", name) from None
+            resp = await self._send(method, target, out, stream, length)
             try:
                 small: bytes | None = None
                 rest_stream: AsyncIterator[bytes] | None = None
@@ -227,13 +168,35 @@ class Forwarder:
                         if self.metrics is not None:
                             self.metrics.auth_retry(name)
                         if small is None and resp.content_length is not None and resp.content_length <= COALESCE_MAX:
-                            with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
-                                await resp.read()  # read the small rejection so its connection is reused
-                        resp.release()
+                            try:
+                                await resp.read_all()  # read the small rejection so its connection is reused
+                            except UpstreamError:
+                                pass
                         continue
-                return await self._respond(request, resp, cred, small, rest_stream, request_id)
+                await self._respond(ex, resp, cred, small, rest_stream, request_id)
+                return resp.status
             finally:
                 resp.release()
+
+    async def _send(self, method: str, target: str, out: Outgoing, stream: AsyncIterator[bytes] | None, length: int | None) -> "Response":
+        name = self.name
+        try:
+            return await self.pool.request(
+                method, target, out.headers, body=out.body, stream=stream if out.body is None else None, content_length=length
+            )
+        except UpstreamTimeout:
+            raise ProxyError("upstream_timeout", f"{self.upstream.origin} did not answer in time", name) from None
+        except RequestBodyError as e:
+            if isinstance(e.__cause__, BodyError):
+                raise ProxyError("bad_request", "the request body did not arrive whole", name) from None
+            raise ProxyError("upstream_unreachable", f"{self.upstream.origin} stopped reading the request: {e}", name) from None
+        except UpstreamError as e:
+            raise ProxyError("upstream_unreachable", f"cannot reach {self.upstream.origin}: {e}", name) from None
+        except OSError as e:
+            raise ProxyError("upstream_unreachable", f"cannot reach {self.upstream.origin}: {e.strerror or e}", name) from None
+        except ValueError:
+            # Only a credential with a line break can get here (the engine refuses such client input).
+            raise ProxyError("upstream_unreachable", "the request could not be built (a header value contains a line break)", name) from None
 
     async def _credential(self, key: str | None) -> Credential:
         try:
@@ -241,31 +204,38 @@ class Forwarder:
         except Unavailable as e:
             raise ProxyError(e.code, e.message, self.name, retry_after=e.retry_after) from None
         except UpstreamReply as e:
-            raise _Passthrough(e) from None
+            raise Passthrough(e) from None
 
-    async def _peek(self, resp: UpstreamResponse) -> tuple[bytes, AsyncIterator[bytes] | None]:
+    async def _peek(self, resp: "Response") -> tuple[bytes, AsyncIterator[bytes] | None]:
         """Read a reply up to ``max_replay_body`` for the scheme to inspect; past that
         the reply is not inspected and streams on (what was read goes first)."""
         length = resp.content_length
         if length is not None and length > self.max_replay:
-            return b"", _prepend([], resp.content)
+            return b"", _relay(resp, [])
         parts: list[bytes] = []
         size = 0
-        while True:
-            chunk = await resp.content.readany()
-            if not chunk:
-                return b"".join(parts), None
-            parts.append(chunk)
-            size += len(chunk)
-            if size > self.max_replay:
-                return b"", _prepend(parts, resp.content)
+        try:
+            while True:
+                chunk = await resp.read()
+                if not chunk:
+                    return b"".join(parts), None
+                parts.append(chunk)
+                size += len(chunk)
+                if size > self.max_replay:
+                    return b"", _relay(resp, parts)
+        except UpstreamError as e:
+            raise ProxyError("upstream_unreachable", f"{self.upstream.origin} broke off its reply: {e}", self.name) from None
 
     # ------------------------------------------------------------------ response side
-    def _response_headers(self, resp: UpstreamResponse, cred: Credential) -> CIMultiDict[str]:
-        out = _end_to_end(resp.headers, HOP_BY_HOP)
-        location = out.get("Location")
-        if location is not None:
-            out["Location"] = self.rewrite_location(location, cred)
+    def _response_headers(self, resp: "Response", cred: Credential) -> list[tuple[str, str]]:
+        out: list[tuple[str, str]] = []
+        for k, v in end_to_end(resp.headers, RESPONSE_DROP).items():
+            lk = k.lower()
+            if lk == "location":
+                v = self.rewrite_location(v, cred)
+            elif lk == "set-cookie":
+                v = scope_set_cookie(v, self.prefix, self.base_path)
+            out.append((k, v))
         return out
 
     def rewrite_location(self, location: str, cred: Credential | None) -> str:
@@ -297,87 +267,62 @@ class Forwarder:
 
     async def _respond(
         self,
-        request: web.BaseRequest,
-        resp: UpstreamResponse,
+        ex: "Exchange",
+        resp: "Response",
         cred: Credential,
         small: bytes | None,
         rest_stream: AsyncIterator[bytes] | None,
         request_id: str,
-    ) -> web.StreamResponse:
+    ) -> None:
         headers = self._response_headers(resp, cred)
-        if "X-Request-Id" not in headers:
-            headers["X-Request-Id"] = request_id
-        out = web.StreamResponse(status=resp.status, reason=resp.reason, headers=headers)
-        if small is None and rest_stream is None:
-            length = resp.content_length
-            if length is not None and length <= COALESCE_MAX:
-                try:
-                    small = await resp.read()
-                except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, asyncio.TimeoutError) as e:
-                    raise ProxyError("upstream_unreachable", f"{self.upstream.origin} broke off its reply: {_why(e)}", self.name) from None
+        if "X-Request-Id" not in resp.headers:
+            headers.append(("X-Request-Id", request_id))
+        length = resp.content_length
+        if ex.method == "HEAD" or resp.status in (204, 304):
+            await ex.start(resp.status, resp.reason, headers, content_length=length)  # no body, whatever was said
+            await ex.end()
+            return
+        if small is None and rest_stream is None and length is not None and length <= COALESCE_MAX:
+            try:
+                small = await resp.read_all()
+            except UpstreamError as e:
+                raise ProxyError("upstream_unreachable", f"{self.upstream.origin} broke off its reply: {e}", self.name) from None
+        if small is not None and rest_stream is None:
+            # A small reply goes out as one write: status line, headers and body together.
+            await ex.respond(resp.status, resp.reason, headers, small)
+            return
+        await ex.start(resp.status, resp.reason, headers, content_length=length)
+        pieces = rest_stream if rest_stream is not None else _relay(resp, [])
         try:
-            if small is not None and rest_stream is None:  # (_peek gives b"" + a stream for a large reply)
-                # A small reply goes out as one write: status line, headers and body together.
-                out._send_headers_immediately = False  # type: ignore[attr-defined]
-                await out.prepare(request)
-                await out.write_eof(small)
-                return out
-            await out.prepare(request)
-            if rest_stream is not None:
-                async for chunk in rest_stream:
-                    await out.write(chunk)
-            else:
-                read = resp.content.readany
-                write = out.write
-                while True:
-                    chunk = await read()
-                    if not chunk:
-                        break
-                    await write(chunk)
-        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
-            _abort(request)  # the client went away (writes to it raise these)
-            return out
-        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, asyncio.TimeoutError) as e:
+            async for chunk in pieces:
+                await ex.write(chunk)
+        except (ResponseBodyError, UpstreamError) as e:
             # The upstream broke off mid-body: the client must see a broken response,
             # not a short one that looks complete.
-            log_event(log, logging.WARNING, "upstream_body_broken", service=self.name, error=_why(e))
-            _abort(request)
-            return out
+            log_event(log, logging.WARNING, "upstream_body_broken", service=self.name, error=str(e))
+            ex.abort()
+            return
         except ConnectionError:
-            _abort(request)
-            return out
-        await out.write_eof()
-        return out
+            ex.abort()  # the client went away
+            return
+        await ex.end()
 
 
-class _Passthrough(Exception):
-    """The credential endpoint's reply goes back to the client (see UpstreamReply)."""
-
-    def __init__(self, reply: UpstreamReply) -> None:
-        super().__init__(str(reply))
-        self.reply = reply
-
-
-def _abort(request: web.BaseRequest) -> None:
-    transport = request.transport
-    if transport is not None:
-        transport.abort()
-
-
-async def _prepend(parts: list[bytes], stream: aiohttp.StreamReader) -> AsyncIterator[bytes]:
-    for p in parts:
+async def _stream(ex: "Exchange", first: list[bytes]) -> AsyncIterator[bytes]:
+    for p in first:
         yield p
     while True:
-        chunk = await stream.readany()
+        chunk = await ex.read()
         if not chunk:
             return
         yield chunk
 
 
-def _why(e: BaseException) -> str:
-    if isinstance(e, aiohttp.ClientConnectorError) and e.os_error is not None:
-        return e.os_error.strerror or str(e.os_error)
-    if isinstance(e, aiohttp.ServerDisconnectedError):
-        return "the upstream closed the connection"
-    text = str(e)
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+async def _relay(resp: "Response", first: list[bytes]) -> AsyncIterator[bytes]:
+    for p in first:
+        yield p
+    while True:
+        chunk = await resp.read()
+        if not chunk:
+            return
+        yield chunk
