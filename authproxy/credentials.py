@@ -163,6 +163,7 @@ class ServiceCredentials:
         key = cred.key
         if self._cache.get(key) is cred:
             self._drop(key)
+            self.scheme.on_rejected(cred)
         if self._forget(cred.token.reveal()):
             self._save_records()
         log_event(log, logging.INFO, "credential_rejected", service=self.name, key=key)

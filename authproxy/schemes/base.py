@@ -307,6 +307,11 @@ class Scheme:
         Only called when a scheme overrides it; ``out`` has no credential yet."""
         return None
 
+    def on_rejected(self, cred: Credential) -> None:
+        """The upstream rejected ``cred`` and the manager dropped it, so the next
+        ``obtain()`` replaces it. A scheme may note which one (to check it is really
+        dead, or to know that a configured credential is)."""
+
     async def revoke(self, cred: Credential) -> None:
         """Invalidate a credential authproxy created (log off, expire, RFC 7009)."""
 

@@ -13,28 +13,56 @@ A token that stopped working shows up not as a 401 but as an error inside an
 ordinary reply: XML ``<error code="3">Not logged on</error>`` on HTTP 200, or a
 JSON ``"errors": [{"code": "3", ...}]`` on HTTP 200 or 400. Those replies are
 small, so the scheme asks the forwarder for their bodies and recognises them.
+Such a reply can also be about a token the proxy could not replace (one inside
+a request body too large to keep), so a rejected token is checked with one
+``cmd=viewPerson`` before it is given up: a live logon token is kept rather
+than left behind by a new logon, and a live API token keeps the service up.
+
+Every client shares the token, so a client's own ``cmd=logoff`` (which would
+end it for all, and an API token for good) and ``cmd=logon`` are answered here
+and never forwarded; the logon answer holds a placeholder the proxy replaces.
+Where FogBugz finds ``cmd`` and ``token`` — query, form, multipart, JSON — is
+in :mod:`authproxy.schemes.fogbugz_body`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-import re
-import zlib
+import time
 from dataclasses import dataclass
-from typing import Any, Mapping
-from urllib.parse import quote, unquote_plus
+from pathlib import Path
+from typing import Mapping
 from xml.etree import ElementTree
 
-from authproxy.config import FieldError
+from authproxy.config import FieldError, FilePath, read_secret_file
 from authproxy.observe import log_event
 from authproxy.schemes.base import Credential, CredentialError, Outgoing, Reply, Scheme, SchemeContext, UpstreamReply
+from authproxy.schemes.fogbugz_body import (
+    NOT_LOGGED_ON,
+    PARAM,
+    client_commands,
+    content_kind,
+    decoded,
+    decoder,
+    json_not_logged_on,
+    parse_xml,
+    replace_param,
+    set_body_token,
+    xml_not_logged_on,
+)
 from authproxy.secret import Secret
 
-PARAM = "token"
-NOT_LOGGED_ON = "3"
-MAX_INSPECTED = 64 * 1024  # a "not logged on" reply is tiny; never inflate more than this
+__all__ = ["FogBugzConfig", "FogBugzScheme", "replace_param", "set_body_token", "PLACEHOLDER"]
+
 MAX_MESSAGE = 200  # characters of an upstream error text kept in last_error
+REREAD_INTERVAL = 60.0  # seconds: a rejected token's token_file is re-read at most this often
+# What a client's own cmd=logon gets: any token it sends back is replaced by the real one.
+PLACEHOLDER = "authproxy-placeholder"
+API_TOKEN_REJECTED = "the configured API token was rejected (not logged on)"
+XML_TYPE = "text/xml; charset=utf-8"
+JSON_TYPE = "application/json; charset=utf-8"
 
 
 @dataclass(frozen=True)
@@ -43,19 +71,34 @@ class FogBugzConfig:
     email and password to log on with."""
 
     token: Secret | None = None
+    # Declared here (not left to the loader's generic ``k_file``) so the scheme knows
+    # the file to re-read when the upstream rejects the token read from it.
+    token_file: FilePath | None = None
     email: str | None = None
     password: Secret | None = None
     api_path: str = "/api.asp"
     logoff_on_exit: bool = True
 
+    def __post_init__(self) -> None:
+        if self.token_file is None:
+            return
+        if self.token is not None:
+            raise FieldError("token_file", "give either token or token_file, not both")
+        try:
+            value = read_secret_file(self.token_file, Path.cwd())
+        except ValueError as e:
+            raise FieldError("token_file", str(e)) from None
+        object.__setattr__(self, "token", Secret(value))
+
     def check(self) -> None:
         has_logon = self.email is not None or self.password is not None
+        token_key = "token_file" if self.token_file is not None else "token"
         if self.token is not None and has_logon:
-            raise FieldError("token", "give either token or email and password, not both")
+            raise FieldError(token_key, "give either token or email and password, not both")
         if self.token is None and not has_logon:
             raise FieldError(None, "give token (an API token, recommended), or email and password")
         if self.token is not None and not self.token:
-            raise FieldError("token", "is empty")
+            raise FieldError(token_key, "is empty")
         if has_logon:
             if not self.email:
                 raise FieldError("email", "required with password")
@@ -79,6 +122,11 @@ class FogBugzScheme(Scheme):
         super().__init__(ctx)
         self.config: FogBugzConfig = ctx.service.auth
         self._api_url = ctx.upstream_url(self.config.api_path)
+        self._token = self.config.token  # the configured API token (token_file may bring a new one)
+        self._api_token_rejected = False
+        self._suspect: Credential | None = None  # a logon token the upstream rejected: still alive?
+        self._reread_at: float | None = None
+        self._clock = time.monotonic
 
     # ------------------------------------------------------------------ obtaining
     @property
@@ -96,9 +144,83 @@ class FogBugzScheme(Scheme):
         return f"{self.ctx.service.upstream.url}{self.config.api_path} {mode}"
 
     async def obtain(self, key: str | None) -> Credential:
-        if self.config.token is not None:
-            return Credential(token=self.config.token, created=False)
+        if self._token is not None:
+            return await self._api_token()
+        suspect = self._suspect
+        if suspect is not None:
+            # Only called after the manager dropped it: check before leaving a live token behind.
+            alive = await self._still_valid(suspect.token)
+            self._suspect = None
+            if alive:
+                self._rejection_unconfirmed()
+                return suspect
         return await self._logon()
+
+    def on_rejected(self, cred: Credential) -> None:
+        if self._token is not None:
+            self._api_token_rejected = self._api_token_rejected or cred.token == self._token
+        elif cred.created:
+            self._suspect = cred
+
+    async def _api_token(self) -> Credential:
+        """The configured API token; once rejected: a new one from token_file (re-read at
+        most once a minute), or the same one if a check shows it alive after all, else a
+        refusal — an API token cannot be renewed, so the service is in error until a
+        person makes a new one."""
+        assert self._token is not None
+        if not self._api_token_rejected:
+            return Credential(token=self._token, created=False)
+        fresh = await self._reread_token_file()
+        if fresh is not None:
+            self._token = fresh
+            self._api_token_rejected = False
+            log_event(self.ctx.log, logging.INFO, "api_token_reread", service=self.ctx.service.name, file=self.config.token_file)
+            return Credential(token=fresh, created=False)
+        if await self._still_valid(self._token):
+            self._api_token_rejected = False
+            self._rejection_unconfirmed()
+            return Credential(token=self._token, created=False)
+        if self.config.token_file is not None:
+            fix = f"token_file {self.config.token_file} still holds it (re-read at most once a minute): write a new API token there"
+        else:
+            fix = "make a new API token in FogBugz, configure it and reload (SIGHUP)"
+        raise CredentialError(f"{API_TOKEN_REJECTED}; {fix}", refused=True)
+
+    async def _reread_token_file(self) -> Secret | None:
+        """A token in token_file other than the rejected one, or None."""
+        path = self.config.token_file
+        if path is None:
+            return None
+        now = self._clock()
+        if self._reread_at is not None and now - self._reread_at < REREAD_INTERVAL:
+            return None
+        self._reread_at = now
+        try:
+            value = await asyncio.to_thread(read_secret_file, path, Path.cwd())
+        except ValueError as e:
+            raise CredentialError(f"{API_TOKEN_REJECTED}, and token_file cannot be re-read: {e}", refused=True) from None
+        if not value or self._token is None or value == self._token.reveal():
+            return None
+        return Secret(value)
+
+    async def _still_valid(self, token: Secret) -> bool:
+        """One side-effect-free command (``cmd=viewPerson``: who am I) with the token in a
+        POST body: False only for "not logged on"."""
+        form = {"cmd": "viewPerson", PARAM: token.reveal()}
+        reply = await self.ctx.request("POST", self._api_url, what="FogBugz token check", data=form)
+        root = self._reply_xml(reply, "token check", token)
+        error = root.find("error")
+        return error is None or (error.get("code") or "").strip() != NOT_LOGGED_ON
+
+    def _rejection_unconfirmed(self) -> None:
+        log_event(
+            self.ctx.log,
+            logging.WARNING,
+            "token_rejection_unconfirmed",
+            service=self.ctx.service.name,
+            detail="FogBugz answered a request 'not logged on' but the token is valid: the request probably "
+            "carried a token of its own where the proxy could not replace it (a body over max_replay_body)",
+        )
 
     async def _logon(self) -> Credential:
         """``cmd=logon`` with the email and password in a form-encoded POST body —
@@ -160,7 +282,8 @@ class FogBugzScheme(Scheme):
     # ------------------------------------------------------------------ applying
     def apply(self, out: Outgoing, cred: Credential) -> None:
         """``token=`` in the query string, replacing any the client sent; and in a kept
-        form or JSON-object body too, where FogBugz would otherwise find the client's."""
+        form, multipart or JSON-object body too, where FogBugz would otherwise find the
+        client's placeholder."""
         token = cred.token.reveal()
         out.query = replace_param(out.query, PARAM, token)
         if out.body:
@@ -168,39 +291,40 @@ class FogBugzScheme(Scheme):
 
     def local_reply(self, out: Outgoing) -> UpstreamReply | None:
         """A client's ``cmd=logoff`` would end the token every client shares (and a
-        configured API token for good): it is answered here as FogBugz would, and the
-        token stays. Bodies too large to keep are not looked into."""
-        json_body = out.body is not None and _json_object(out.body)
-        if isinstance(json_body, dict):
-            cmd = next((v for k, v in json_body.items() if k.lower() == "cmd"), None)
+        configured API token for good), and its ``cmd=logon`` would make a token nobody
+        logs off (or fail: the client has no password). Both are answered here as
+        FogBugz would, in XML, or in JSON for a JSON API request. Bodies too large to
+        keep are not looked into."""
+        commands, is_json = client_commands(out.query, out.body, out.headers.get("Content-Type", ""))
+        if "logoff" in commands:
+            cmd, data, inner = "logoff", {}, ""
+        elif "logon" in commands:
+            cmd, data, inner = "logon", {PARAM: PLACEHOLDER}, f"<{PARAM}><![CDATA[{PLACEHOLDER}]]></{PARAM}>"
         else:
-            cmd = _param(out.query, "cmd")
-            if cmd is None and out.body and out.headers.get("Content-Type", "").split(";", 1)[0].strip().lower() == "application/x-www-form-urlencoded":
-                cmd = _param(out.body.decode("latin-1"), "cmd")
-        if not isinstance(cmd, str) or cmd.lower() != "logoff":
             return None
-        log_event(self.ctx.log, logging.INFO, "client_logoff_answered", service=self.ctx.service.name)
-        if isinstance(json_body, dict):
-            doc = {"data": {}, "errors": [], "warnings": [], "meta": {}}
-            return UpstreamReply(200, {"Content-Type": "application/json; charset=utf-8"}, json.dumps(doc).encode())
-        return UpstreamReply(200, {"Content-Type": "text/xml; charset=utf-8"}, b'<?xml version="1.0" encoding="UTF-8"?><response></response>')
+        log_event(self.ctx.log, logging.INFO, f"client_{cmd}_answered", service=self.ctx.service.name)
+        if is_json:
+            doc = {"data": data, "errors": [], "warnings": [], "meta": {}, "errorCode": None, "maxCacheAge": None}
+            return UpstreamReply(200, {"Content-Type": JSON_TYPE}, json.dumps(doc).encode())
+        xml = f'<?xml version="1.0" encoding="UTF-8"?><response>{inner}</response>'
+        return UpstreamReply(200, {"Content-Type": XML_TYPE}, xml.encode())
 
     # ------------------------------------------------------------------ recognising a dead token
     def rejection_needs_body(self, status: int, headers: Mapping[str, str]) -> bool:
         """Only XML replies on 200 and JSON replies on 200/400 can say "not logged on";
         a body we could not decode could not be inspected anyway."""
-        kind = _content_kind(headers.get("Content-Type", ""))
-        if kind is None or _decoder(headers.get("Content-Encoding", "")) is False:
+        kind = content_kind(headers.get("Content-Type", ""))
+        if kind is None or decoder(headers.get("Content-Encoding", "")) is False:
             return False
         return status == 200 or (kind == "json" and status in (400, 401))
 
     def is_rejection(self, status: int, headers: Mapping[str, str], body: bytes | None) -> bool:
         if not body:
             return False
-        kind = _content_kind(headers.get("Content-Type", ""))
+        kind = content_kind(headers.get("Content-Type", ""))
         if kind is None:
             return False
-        data = _decoded(body, headers.get("Content-Encoding", ""))
+        data = decoded(body, headers.get("Content-Encoding", ""))
         if data is None:
             return False
         if kind == "xml":
@@ -220,152 +344,3 @@ class FogBugzScheme(Scheme):
         if error is not None and error.get("code") != NOT_LOGGED_ON:
             code = self._message(error.get("code", "?"))
             raise CredentialError(f"FogBugz logoff failed (error {code}: {self._message(error.text or '', cred.token)})")
-
-
-# --------------------------------------------------------------------------- helpers (pure, tested directly)
-
-
-_XML_REJECTION = re.compile(rb"<error\b[^>]*\bcode\s*=\s*[\"']\s*3\s*[\"']")
-_JSON_REJECTION = re.compile(rb"\"code\"\s*:\s*\"?\s*3\s*\"?\s*[,}]")
-_FORBIDDEN_XML = (b"<!DOCTYPE", b"<!ENTITY")
-
-
-def parse_xml(body: bytes) -> ElementTree.Element | None:
-    """Parse a FogBugz reply. FogBugz never sends a DTD, so any document declaring one
-    is refused before parsing: no entity expansion, no external fetches."""
-    head = body.upper()
-    if any(marker in head for marker in _FORBIDDEN_XML):
-        return None
-    try:
-        return ElementTree.fromstring(body)
-    except ElementTree.ParseError:
-        return None
-
-
-def xml_not_logged_on(body: bytes) -> bool:
-    """``<response><error code="3">…</error></response>`` — cheap byte check first."""
-    if _XML_REJECTION.search(body) is None:
-        return False
-    root = parse_xml(body)
-    if root is None or root.tag != "response":
-        return False
-    error = root.find("error")
-    return error is not None and (error.get("code") or "").strip() == NOT_LOGGED_ON
-
-
-def json_not_logged_on(body: bytes) -> bool:
-    """``{"errors": [{"code": "3", ...}], ...}`` — cheap byte check first."""
-    if b'"errors"' not in body or _JSON_REJECTION.search(body) is None:
-        return False
-    try:
-        doc = json.loads(body)
-    except ValueError:
-        return False
-    errors = doc.get("errors") if isinstance(doc, dict) else None
-    if not isinstance(errors, list):
-        return False
-    return any(isinstance(e, dict) and str(e.get("code", "")).strip() == NOT_LOGGED_ON for e in errors)
-
-
-def _content_kind(content_type: str) -> str | None:
-    mime = content_type.split(";", 1)[0].strip().lower()
-    if mime.endswith("/xml") or mime.endswith("+xml"):
-        return "xml"
-    if mime.endswith("/json") or mime.endswith("+json"):
-        return "json"
-    return None
-
-
-def _decoder(encoding: str) -> Any:
-    """A zlib window size for the reply's Content-Encoding; None for none; False if unknown."""
-    enc = encoding.strip().lower()
-    if enc in ("", "identity"):
-        return None
-    if enc in ("gzip", "x-gzip"):
-        return 16 + zlib.MAX_WBITS
-    if enc == "deflate":
-        return zlib.MAX_WBITS
-    return False
-
-
-def _decoded(body: bytes, encoding: str) -> bytes | None:
-    """The reply as sent by FogBugz, inflated (bounded) when the client asked for gzip."""
-    wbits = _decoder(encoding)
-    if wbits is None:
-        return body
-    if wbits is False:
-        return None
-    for bits in (wbits, -zlib.MAX_WBITS) if wbits == zlib.MAX_WBITS else (wbits,):
-        try:
-            return zlib.decompressobj(bits).decompress(body, MAX_INSPECTED)
-        except zlib.error:
-            continue
-    return None
-
-
-def replace_param(query: str, name: str, value: str) -> str:
-    """Drop every ``name=`` parameter (case-insensitively: FogBugz's ASP reads
-    parameters that way) and append ``name=value``; other bytes stay as sent."""
-    kept = [p for p in query.split("&") if p and unquote_plus(p.partition("=")[0]).lower() != name]
-    kept.append(f"{quote(name, safe='')}={quote(value, safe='')}")
-    return "&".join(kept)
-
-
-def _param(query: str, name: str) -> str | None:
-    """The last ``name`` parameter of a raw query or form string (case-insensitive name)."""
-    value = None
-    for part in query.split("&"):
-        key, _, v = part.partition("=")
-        if unquote_plus(key).lower() == name:
-            value = unquote_plus(v)
-    return value
-
-
-def _json_object(body: bytes) -> dict[str, Any] | None:
-    stripped = body.lstrip(b" \t\r\n").removeprefix(b"\xef\xbb\xbf")
-    if not stripped.startswith(b"{"):
-        return None
-    try:
-        doc = json.loads(stripped)
-    except (UnicodeDecodeError, ValueError):
-        return None
-    return doc if isinstance(doc, dict) else None
-
-
-def set_body_token(body: bytes, content_type: str, token: str) -> bytes:
-    """Set ``token`` in a JSON-object or form-encoded body; any other body is left as is.
-    A JSON object is recognised by its content whatever the Content-Type says, because
-    ``curl -d '{...}'`` labels it as a form."""
-    json_body = _json_object_with_token(body, token)
-    if json_body is not None:
-        return json_body
-    mime = content_type.split(";", 1)[0].strip().lower()
-    if mime == "application/x-www-form-urlencoded":
-        # latin-1 maps bytes 1:1, so every byte of the other fields survives the round trip.
-        return replace_param(body.decode("latin-1"), PARAM, token).encode("latin-1")
-    return body
-
-
-def _json_object_with_token(body: bytes, token: str) -> bytes | None:
-    stripped = body.lstrip(b" \t\r\n")
-    bom = stripped.startswith(b"\xef\xbb\xbf")
-    if bom:
-        stripped = stripped[3:].lstrip(b" \t\r\n")
-    if not stripped.startswith(b"{"):
-        return None
-    try:
-        text = stripped.decode("utf-8")
-        doc = json.loads(text)
-    except (UnicodeDecodeError, ValueError):
-        return None
-    if not isinstance(doc, dict):
-        return None
-    pair = f"{json.dumps(PARAM)}:{json.dumps(token)}"
-    if not any(k.lower() == PARAM for k in doc):
-        # The usual case: insert the field, leaving every other byte as the client wrote it.
-        rest = text[1:]
-        sep = "" if rest.lstrip().startswith("}") else ","
-        return ("{" + pair + sep + rest).encode("utf-8")
-    for k in [k for k in doc if k.lower() == PARAM]:
-        del doc[k]
-    return json.dumps({PARAM: token, **doc}, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
