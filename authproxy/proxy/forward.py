@@ -150,8 +150,6 @@ class Forwarder:
                 raise Passthrough(local)
         attempt = 0
         while True:
-            if attempt:
-                cred = await self._credential(key)
             out = Outgoing(headers=headers, query=query, body=body, method=method, path=path)
             self.scheme.apply(out, cred)
             target = f"{out.path}?{out.query}" if out.query else out.path
@@ -163,8 +161,10 @@ class Forwarder:
                     small, rest_stream = await self._peek(resp)
                 if self.scheme.is_rejection(resp.status, resp.headers, small if rest_stream is None else None):
                     self.creds.rejected(cred)
-                    if replayable and attempt == 0:
+                    renewed = await self._renewed(key) if replayable and attempt == 0 else None
+                    if renewed is not None:
                         attempt += 1
+                        cred = renewed
                         if self.metrics is not None:
                             self.metrics.auth_retry(name)
                         if small is None and resp.content_length is not None and resp.content_length <= COALESCE_MAX:
@@ -197,6 +197,19 @@ class Forwarder:
         except ValueError:
             # Only a credential with a line break can get here (the engine refuses such client input).
             raise ProxyError("upstream_unreachable", "the request could not be built (a header value contains a line break)", name) from None
+
+    async def _renewed(self, key: str | None) -> Credential | None:
+        """A fresh credential for the one replay, or None when the service is in
+        ``error`` (the upstream refused what it was configured with, e.g. a rejected
+        API token): then the rejection itself goes to the client, which says more
+        than a 503. A transient failure (``backoff``) or ``login_required`` is the
+        proxy's own 503, which names what to do."""
+        try:
+            return await self._credential(key)
+        except ProxyError:
+            if self.creds.status().state == "error":
+                return None
+            raise
 
     async def _credential(self, key: str | None) -> Credential:
         try:
