@@ -20,6 +20,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from authproxy.credentials import Unavailable
+from authproxy.http1.tunnel import relay
 from authproxy.http1.errors import (
     BodyError,
     RequestBodyError,
@@ -133,6 +134,9 @@ class Forwarder:
         elif ON_BEHALF_OF in ex.headers:
             raise ProxyError("obo_forbidden", f"service {name} does not issue on-behalf-of tokens", name)
         headers = self._headers(ex, request_id)
+        websocket = ex.upgrade and ex.method == "GET" and ex.headers.get("Upgrade", "").strip().lower() == "websocket"
+        if websocket:
+            headers["Upgrade"] = "websocket"  # the one upgrade that is forwarded (the pool adds Connection: Upgrade)
         cred = self.creds.ready(key)
         if cred is None:
             cred = await self._credential(key)  # before the body: no 100-continue for a request that will be refused
@@ -173,10 +177,26 @@ class Forwarder:
                             except UpstreamError:
                                 pass
                         continue
-                await self._respond(ex, resp, cred, small, rest_stream, request_id)
+                if resp.upgraded and websocket:
+                    await self._tunnel(ex, resp, cred, request_id)
+                else:
+                    await self._respond(ex, resp, cred, small, rest_stream, request_id)
                 return resp.status
             finally:
                 resp.release()
+
+    async def _tunnel(self, ex: "Exchange", resp: "Response", cred: Credential, request_id: str) -> None:
+        """After the upstream's ``101``: the handshake's reply goes to the client, then
+        bytes are relayed both ways untouched until either side closes (no idle
+        timeout: a quiet WebSocket is not a dead one)."""
+        headers = self._response_headers(resp, cred)
+        headers.append(("Upgrade", resp.headers.get("Upgrade", "websocket")))
+        await ex.respond(101, resp.reason, headers)
+        up_transport, up_stream = resp.takeover()
+        client_transport, client_stream = ex.takeover()
+        sent, received = await relay(client_transport, client_stream, up_transport, up_stream)
+        ex.bytes_in += sent
+        ex.bytes_out += received
 
     async def _send(self, method: str, target: str, out: Outgoing, stream: AsyncIterator[bytes] | None, length: int | None) -> "Response":
         name = self.name
