@@ -25,6 +25,7 @@ log = logging.getLogger("authproxy.http1")
 _EXHAUSTED = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
 _TRANSIENT = frozenset((errno.ECONNABORTED, errno.EPROTO, errno.EINTR, errno.EAGAIN, errno.EWOULDBLOCK))
 PAUSE = 0.1
+ACCEPT_BATCH = 256  # connections taken from the backlog per wake-up, beyond the first
 LOG_EVERY = 1.0
 
 
@@ -116,6 +117,9 @@ class Listener:
         self._unix_ino = os.stat(unix_path).st_ino if unix_path else None
         self._task: asyncio.Task[None] | None = None
         self._last_log = -LOG_EVERY
+        self._tcp = sock.family in (socket.AF_INET, socket.AF_INET6)
+        self._pending = 0  # accepted, not yet connected to a protocol (they count against the cap)
+        self._connecting: set[asyncio.Task[None]] = set()
 
     @staticmethod
     def _address(sock: socket.socket) -> tuple[str, int] | str:
@@ -140,35 +144,71 @@ class Listener:
                 pass
 
     async def _accept_loop(self) -> None:
+        """Wait for the listening socket to be readable, then take every connection the
+        backlog holds (up to the cap) before waiting again. Accepting one connection per
+        loop iteration would let a burst of new connections (a client opening 128 at
+        once) sit in the backlog for seconds behind busy ones, with their first request
+        already sent."""
         server, loop = self.server, self.server.loop
         cap: int = getattr(server.limits, "max_connections")
-        tcp = self.sock.family in (socket.AF_INET, socket.AF_INET6)
+        sock = self.sock
         while True:
-            while server.connections >= cap:
+            while server.connections + self._pending >= cap:
                 await server.wait_closed_one()
             try:
-                conn, _ = await loop.sock_accept(self.sock)
+                conn, _ = await loop.sock_accept(sock)
             except OSError as exc:
                 if exc.errno in _TRANSIENT:
                     continue
-                if self.sock.fileno() == -1:
+                if sock.fileno() == -1:
                     return  # closed under us
                 self._log_failure(exc)
                 await server.wait_closed_one(PAUSE)
                 continue
-            try:
-                conn.setblocking(False)
-                if tcp:
-                    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                await loop.connect_accepted_socket(server.new_connection, conn)
-            except asyncio.CancelledError:
-                conn.close()
-                raise
-            except OSError as exc:
-                conn.close()
-                if exc.errno in _EXHAUSTED:
+            self._start(conn)
+            for _ in range(ACCEPT_BATCH):  # the rest of the backlog, without waiting
+                if server.connections + self._pending >= cap:
+                    break
+                try:
+                    conn, _ = sock.accept()
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError as exc:
+                    if exc.errno in _TRANSIENT:
+                        continue
+                    if sock.fileno() == -1:
+                        return
                     self._log_failure(exc)
                     await server.wait_closed_one(PAUSE)
+                    break
+                self._start(conn)
+
+    def _start(self, conn: socket.socket) -> None:
+        """Hand an accepted socket to the loop; its slot counts from now."""
+        try:
+            conn.setblocking(False)
+            if self._tcp:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            conn.close()
+            return
+        self._pending += 1
+        task = self.server.loop.create_task(self._connect(conn))
+        self._connecting.add(task)
+        task.add_done_callback(self._connecting.discard)
+
+    async def _connect(self, conn: socket.socket) -> None:
+        try:
+            await self.server.loop.connect_accepted_socket(self.server.new_connection, conn)
+        except asyncio.CancelledError:
+            conn.close()
+            raise
+        except OSError as exc:
+            conn.close()
+            if exc.errno in _EXHAUSTED:
+                self._log_failure(exc)
+        finally:
+            self._pending -= 1
 
     def _log_failure(self, exc: OSError) -> None:
         """One line a second at most, never a traceback: under EMFILE this runs
