@@ -16,6 +16,7 @@ import logging
 import math
 import random
 import time
+import traceback
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -23,6 +24,7 @@ from cachetools import TLRUCache
 
 from authproxy.observe import Metrics, log_event
 from authproxy.schemes.base import Credential, CredentialError, LoginRequired, Scheme, UpstreamReply
+from authproxy.secret import Secret, redactor_for
 from authproxy.state import StateError
 
 log = logging.getLogger("authproxy.credentials")
@@ -154,7 +156,7 @@ class ServiceCredentials:
             raise Unavailable("login_required", self._login_message(e), None) from None
         except CredentialError as e:
             retry = max(1.0, self._retry_at - self.clock()) if key is None else 1.0
-            raise Unavailable("token_unavailable", f"{self.name}: {e.message}", retry) from None
+            raise Unavailable("token_unavailable", f"{self.name}: {self.mask(e.message, key)}", retry) from None
 
     def rejected(self, cred: Credential) -> None:
         """The upstream refused ``cred``: forget it, so the next ``get`` fetches anew.
@@ -201,12 +203,14 @@ class ServiceCredentials:
             if key is None:
                 self._fail(e, "error" if e.refused else "backoff")
             else:
-                log_event(log, logging.WARNING, "token_fetch_failed", service=self.name, key=key, error=e.message)
+                log_event(log, logging.WARNING, "token_fetch_failed", service=self.name, key=key, error=self.mask(e.message, key))
             raise
         except asyncio.CancelledError:
             raise
         except Exception as e:  # a scheme bug must not wedge the service
-            log.exception("unexpected error obtaining a credential for %s", self.name)
+            # The traceback is logged masked: an exception's text may hold what a scheme handled.
+            trace = "".join(traceback.format_exception(type(e), e, e.__traceback__))
+            log.error("unexpected error obtaining a credential for %s\n%s", self.name, self.mask(trace, key).rstrip())
             err = CredentialError(f"internal error: {type(e).__name__}")
             self._count("error")
             if key is None:
@@ -238,11 +242,11 @@ class ServiceCredentials:
 
     def _fail(self, e: CredentialError, state: str) -> None:
         self._failures += 1
-        self._error = e.message
+        self._error = self.mask(e.message)
         self._error_state = state
         if state == "login_required":
             self._retry_at = 0.0
-            log_event(log, logging.WARNING, "login_required", service=self.name, error=e.message)
+            log_event(log, logging.WARNING, "login_required", service=self.name, error=self._error)
         else:
             delay = backoff_delay(self._failures, e.refused)
             self._retry_at = self.clock() + delay
@@ -254,7 +258,7 @@ class ServiceCredentials:
                 state=state,
                 retry_in=round(delay, 1),
                 failures=self._failures,
-                error=e.message,
+                error=self._error,
             )
         self._wake.set()
 
@@ -282,7 +286,7 @@ class ServiceCredentials:
                 self._save_records()
                 log_event(log, logging.INFO, "token_revoked", service=self.name, key=old.key, reason="replaced")
             except CredentialError as e:
-                log_event(log, logging.WARNING, "token_revoke_failed", service=self.name, key=old.key, error=e.message)
+                log_event(log, logging.WARNING, "token_revoke_failed", service=self.name, key=old.key, error=self.mask(e.message, old.key, old))
 
         task = asyncio.ensure_future(run())
         self._revocations.add(task)
@@ -340,7 +344,31 @@ class ServiceCredentials:
         return f"{self.name}: no credential ({self._error or 'still being fetched'}); retrying"
 
     def _login_message(self, e: CredentialError) -> str:
-        return f"{self.name} needs a person to log in: run `authproxy login {self.name}` ({e.message})"
+        return f"{self.name} needs a person to log in: run `authproxy login {self.name}` ({self.mask(e.message)})"
+
+    # ------------------------------------------------------------------ masking
+    def mask(self, text: str, key: str | None = None, *more: Credential) -> str:
+        """A message made safe to show anywhere (``last_error`` in readyz, a 503 body, a
+        log line): every secret of this service — its configured ones, the credential
+        it holds and, for an on-behalf-of failure, that user's — masked in any encoding
+        an upstream may have echoed it in. Schemes mask what they sent already; this is
+        the one place every message passes on its way out, so nothing depends on each
+        scheme remembering every secret."""
+        if not text:
+            return text
+        return redactor_for(self._secrets(key, more)).redact(text)
+
+    def _secrets(self, key: str | None, more: tuple[Credential, ...] = ()) -> list[Secret | str | None]:
+        ctx = getattr(self.scheme, "ctx", None)
+        known = getattr(ctx, "known_secrets", None)
+        out: list[Secret | str | None] = list(known()) if callable(known) else []
+        # The service's own credential is sent with on-behalf-of and revocation requests;
+        # the key's own one is what a failure about that key may quote. Not every cached
+        # credential: there may be thousands of on-behalf-of ones.
+        for cred in (self._svc, self._cache.get(None), self._cache.get(key) if key is not None else None, *more):
+            if cred is not None:
+                out.append(cred.token)
+        return out
 
     # ------------------------------------------------------------------ persistence of created credentials
     def _load_records(self) -> None:
@@ -420,7 +448,7 @@ class ServiceCredentials:
             try:
                 await self.scheme.revoke(cred)
             except CredentialError as e:
-                log_event(log, logging.WARNING, "token_revoke_failed", service=self.name, key=cred.key, error=e.message)
+                log_event(log, logging.WARNING, "token_revoke_failed", service=self.name, key=cred.key, error=self.mask(e.message, cred.key, cred))
                 return
             done += 1
             self._forget(cred.token.reveal())

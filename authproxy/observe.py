@@ -3,7 +3,9 @@
 Logs are events with fields (``event=token_fetched service=x expires_in=3600``),
 written as text for people or JSON lines for collectors, always to stderr.
 Field values go through :func:`_render`, which prints a :class:`Secret` as ``***``
-so that no code path can log a credential by accident.
+so that no code path can log a credential by accident; and, once the proxy has
+called :func:`set_log_redactor` with every configured secret, every text a log
+line carries (fields, message, traceback) has those masked in any encoding.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from authproxy.secret import Secret
+from authproxy.secret import MASK, Redactor, Secret
 
 # --------------------------------------------------------------------------- metrics
 
@@ -125,11 +127,34 @@ def log_event(logger: logging.Logger, level: int, event: str, **fields: Any) -> 
         logger.log(level, event, extra={"fields": fields})
 
 
+_redactor: Redactor | None = None
+
+
+def set_log_redactor(redactor: Redactor | None) -> None:
+    """The last line of defence for every log line but the access log (whose path the
+    proxy masks per service): the secrets of every configured service, masked in
+    whatever text a line carries. Set at config load; None turns it off."""
+    global _redactor
+    _redactor = redactor if redactor else None
+
+
+def _masked(text: str) -> str:
+    r = _redactor
+    return r.redact(text) if r is not None else text
+
+
 def _render(value: Any) -> Any:
     if isinstance(value, Secret):
-        return "***"
+        return MASK
     if isinstance(value, float):
         return round(value, 3)
+    if _redactor is not None:
+        if isinstance(value, str):
+            return _redactor.redact(value)
+        if isinstance(value, (list, tuple)):
+            return [_render(v) for v in value]
+        if isinstance(value, dict):
+            return {k: _render(v) for k, v in value.items()}
     return value
 
 
@@ -139,7 +164,7 @@ class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
         fields = getattr(record, "fields", None)
-        parts = [ts, f"{record.levelname:<5}", record.getMessage() if fields is None else record.msg]
+        parts = [ts, f"{record.levelname:<5}", _masked(record.getMessage()) if fields is None else record.msg]
         if fields:
             for k, v in fields.items():
                 if v is None:
@@ -151,7 +176,7 @@ class TextFormatter(logging.Formatter):
                 parts.append(f"{k}={s}")
         line = " ".join(parts)
         if record.exc_info:
-            line += "\n" + self.formatException(record.exc_info)
+            line += "\n" + _masked(self.formatException(record.exc_info))
         return line
 
 
@@ -167,13 +192,13 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
         }
         if fields is None:
-            doc["message"] = record.getMessage()
+            doc["message"] = _masked(record.getMessage())
         else:
             for k, v in fields.items():
                 if v is not None:
                     doc[k] = _render(v)
         if record.exc_info:
-            doc["exception"] = self.formatException(record.exc_info)
+            doc["exception"] = _masked(self.formatException(record.exc_info))
         return json.dumps(doc, default=str)
 
 

@@ -3,7 +3,9 @@
 Writes are atomic and durable — temp file, fsync, rename, fsync of the folder —
 because some of what lives here (a rotated refresh token) is the only copy of a
 credential the upstream will accept: a torn or lost write means a person has to
-log in again. The folder is 0700 and every file 0600.
+log in again. The state dir and every folder authproxy creates for it are 0700
+(whatever the umask; parents that existed already are left as they are) and
+every file 0600.
 """
 
 from __future__ import annotations
@@ -22,21 +24,45 @@ class StateError(Exception):
     pass
 
 
-def _ensure_dir(path: Path) -> None:
+DIR_MODE = 0o700
+FILE_MODE = 0o600
+
+
+def _ensure_dir(path: Path, root: Path | None = None) -> None:
+    """Make ``path`` exist as a private folder. Every folder created on the way is
+    made 0700 explicitly (``mkdir``'s mode applies to the last one only, and through
+    the umask); so are ``root`` (the state dir itself, which systemd's
+    StateDirectory= creates 0755) and ``path``, even when they existed already.
+    Other parents that existed already (``~/.local``) are left as they are."""
     try:
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if path.stat().st_mode & 0o077:
-            os.chmod(path, 0o700)
+        missing: list[Path] = []
+        p = path
+        while not p.is_dir():
+            missing.append(p)
+            if p.parent == p:
+                break
+            p = p.parent
+        for d in reversed(missing):
+            try:
+                d.mkdir(mode=DIR_MODE)
+            except FileExistsError:
+                if not d.is_dir():
+                    raise
+                continue  # made by another process at the same moment; it sets the mode
+            os.chmod(d, DIR_MODE)  # mkdir's mode went through the umask
+        for d in (root, path):
+            if d is not None and d.stat().st_mode & 0o777 != DIR_MODE:
+                os.chmod(d, DIR_MODE)
     except OSError as e:
-        raise StateError(f"cannot use the state dir {path}: {e.strerror or e}") from None
+        raise StateError(f"cannot use the state dir {root or path}: {e.strerror or e}") from None
 
 
-def write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes, root: Path | None = None) -> None:
     """Replace ``path`` by ``data`` so that a crash leaves either the old or the new file."""
-    _ensure_dir(path.parent)
+    _ensure_dir(path.parent, root)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, 0o600)
+        os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -57,15 +83,21 @@ class StateDir:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
 
+    def ensure(self) -> Path:
+        """Create the state dir (0700) now rather than at the first write."""
+        _ensure_dir(self.path, self.path)
+        return self.path
+
     def service(self, name: str) -> "ServiceStore":
-        return ServiceStore(self.path / name)
+        return ServiceStore(self.path / name, root=self.path)
 
 
 class ServiceStore:
     """One service's corner of the state dir: small JSON documents by name."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, root: Path | None = None) -> None:
         self.path = path
+        self.root = root  # the state dir itself: kept 0700 too
 
     def _file(self, name: str) -> Path:
         if not name.replace("-", "").replace("_", "").isalnum():
@@ -89,7 +121,7 @@ class ServiceStore:
 
     def put(self, name: str, doc: Any) -> None:
         try:
-            write_atomic(self._file(name), json.dumps(doc, indent=1, sort_keys=True).encode())
+            write_atomic(self._file(name), json.dumps(doc, indent=1, sort_keys=True).encode(), self.root)
         except OSError as e:
             raise StateError(f"cannot write {self._file(name)}: {e.strerror or e}") from None
 
@@ -110,8 +142,8 @@ class ServiceStore:
     def locked(self, name: str = "lock") -> Iterator[None]:
         """An exclusive lock shared with other authproxy processes on the same state
         dir (the proxy and a ``authproxy token``/``login`` run side by side)."""
-        _ensure_dir(self.path)
-        fd = os.open(self.path / f".{name}", os.O_RDWR | os.O_CREAT, 0o600)
+        _ensure_dir(self.path, self.root)
+        fd = os.open(self.path / f".{name}", os.O_RDWR | os.O_CREAT, FILE_MODE)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -124,8 +156,8 @@ class ServiceStore:
         """:meth:`locked` for coroutines: waits for the lock in a thread, not on the loop."""
         import asyncio
 
-        _ensure_dir(self.path)
-        fd = os.open(self.path / f".{name}", os.O_RDWR | os.O_CREAT, 0o600)
+        _ensure_dir(self.path, self.root)
+        fd = os.open(self.path / f".{name}", os.O_RDWR | os.O_CREAT, FILE_MODE)
         try:
             await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
             try:
