@@ -84,21 +84,35 @@ def _tokens(values: Iterable[str]) -> set[str]:
     return {t.strip(" \t").lower() for v in values for t in v.split(",")}
 
 
+_SPECIAL = frozenset((b"content-length", b"transfer-encoding", b"host", b"connection", b"expect"))
+_NAMES: dict[bytes, tuple[str, bytes]] = {}  # header names already checked → (str, lower-case bytes)
+_METHODS: dict[bytes, str] = {}
+_LINE_END = {"1.1": b" HTTP/1.1\r\n", "1.0": b" HTTP/1.0\r\n"}
+
+
 class RequestParser:
     """One request message, fed with :meth:`feed` until :attr:`complete`.
 
     Body bytes are collected in :attr:`body` for the owner to take after each
     feed. Raises :class:`FramingError` on anything the SPEC refuses."""
 
+    __slots__ = (
+        "_parser", "_max_head", "_head_buf", "_url", "_pairs", "_cl", "_te", "_hosts", "_conn",
+        "_expect", "_last3", "_begun", "_error", "_body_fed", "_chunks", "head", "body",
+        "body_received", "complete", "started",
+    )
+
     def __init__(self, max_head: int = 64 * 1024) -> None:
         self._parser = httptools.HttpRequestParser(self)
         self._max_head = max_head
-        self._head_buf = bytearray()  # every byte fed before the head completed (≤ max_head)
-        self._url = bytearray()
-        self._headers: CIMultiDict[str] = CIMultiDict()
+        self._head_buf: bytes | bytearray = b""  # every byte fed before the head completed (≤ max_head)
+        self._url = b""
+        self._pairs: list[tuple[str, str]] = []
         self._cl: int | None = None
         self._te = False
         self._hosts = 0
+        self._conn: list[str] | None = None  # Connection values
+        self._expect: str | None = None
         self._last3 = b""  # the last bytes fed, to find a CRLFCRLF split across two reads
         self._begun = False
         self._error: FramingError | None = None
@@ -115,10 +129,35 @@ class RequestParser:
     def feed(self, data: bytes) -> int:
         """Feed ``data``; returns how many bytes belong to this message. The rest
         (when :attr:`complete`) is the next message, or raw bytes after an upgrade."""
-        if data:
-            self.started = True
-        view = memoryview(data)
         pos, n = 0, len(data)
+        if not self.started and n:
+            self.started = True
+            # The usual case: the whole head in the first read. One feed, no copies.
+            i = data.find(_CRLF2)
+            if 0 < i <= self._max_head - 4:
+                end = i + 4
+                piece = data if end == n else data[:end]
+                self._head_buf = piece
+                upgraded_at = self._feed(piece, True)
+                self._last3 = piece[-3:]
+                if upgraded_at is not None:
+                    return upgraded_at
+                if self.head is None:  # never expected: llhttp ends a head at CRLF CRLF
+                    self._head_buf = bytearray(piece)
+                elif not self.complete:
+                    self._body_fed = 0
+                    self._check_chunk_overhead()
+                pos = end
+            else:
+                self._head_buf = bytearray()
+        elif not self.started:
+            return 0
+        if pos < n and not self.complete:
+            return self._feed_rest(data, pos, n)
+        return pos
+
+    def _feed_rest(self, data: bytes, pos: int, n: int) -> int:
+        view = memoryview(data)
         while pos < n and not self.complete:
             head = self.head
             if head is None:
@@ -126,7 +165,7 @@ class RequestParser:
                 budget = self._max_head - len(self._head_buf)
                 if end - pos > budget:
                     end = pos + budget
-                self._head_buf += view[pos:end]
+                self._head_buf += view[pos:end]  # type: ignore[operator]
             elif head.chunked:
                 end = self._next_split(data, pos)
             else:
@@ -217,62 +256,77 @@ class RequestParser:
         self._url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if not _TOKEN.fullmatch(name):
-            raise self._fail("malformed header")
+        known = _NAMES.get(name)
+        if known is None:
+            if not _TOKEN.fullmatch(name):
+                raise self._fail("malformed header")
+            known = (name.decode("latin-1"), name.lower())
+            if len(_NAMES) < 1024:
+                _NAMES[name] = known
         if _BAD_VALUE.search(value):
             raise self._fail("malformed header")
         if self.head is not None:  # a trailer field: checked, then dropped
             return
         value = value.strip(b" \t")
-        lname = name.lower()
-        if lname == b"content-length":
-            if self._cl is not None:
-                raise self._fail("several Content-Length headers")
-            if not value.isdigit() or len(value) > MAX_CONTENT_LENGTH_DIGITS:
-                raise self._fail("invalid Content-Length")
-            self._cl = int(value)
-        elif lname == b"transfer-encoding":
-            if self._te:
-                raise self._fail("repeated Transfer-Encoding")
-            if value.lower() != b"chunked":
-                raise self._fail("invalid Transfer-Encoding")
-            self._te = True
-        elif lname == b"host":
-            self._hosts += 1
-        self._headers.add(name.decode("latin-1"), value.decode("latin-1"))
+        sname, lname = known
+        if lname in _SPECIAL:
+            if lname == b"content-length":
+                if self._cl is not None:
+                    raise self._fail("several Content-Length headers")
+                if not value.isdigit() or len(value) > MAX_CONTENT_LENGTH_DIGITS:
+                    raise self._fail("invalid Content-Length")
+                self._cl = int(value)
+            elif lname == b"transfer-encoding":
+                if self._te:
+                    raise self._fail("repeated Transfer-Encoding")
+                if value.lower() != b"chunked":
+                    raise self._fail("invalid Transfer-Encoding")
+                self._te = True
+            elif lname == b"host":
+                self._hosts += 1
+            elif lname == b"connection":
+                if self._conn is None:
+                    self._conn = []
+                self._conn.append(value.decode("latin-1"))
+            elif self._expect is None:  # expect: the first one counts
+                self._expect = value.decode("latin-1")
+        self._pairs.append((sname, value.decode("latin-1")))
 
     def on_headers_complete(self) -> None:
-        version = self._parser.get_http_version()
+        parser = self._parser
+        version = parser.get_http_version()
         if version not in _VERSIONS:
             raise self._fail("unsupported HTTP version")
-        method = self._parser.get_method()
+        method = parser.get_method()
         self._check_request_line(method, version)
         if self._cl is not None and self._te:
             raise self._fail("both Content-Length and Transfer-Encoding")
         if self._te and version == "1.0":
             raise self._fail("Transfer-Encoding in an HTTP/1.0 request")
-        if self._hosts > 1 or (self._hosts == 0 and version == "1.1"):
+        if self._hosts != 1 and (self._hosts or version == "1.1"):
             raise self._fail("missing or repeated Host header")
-        headers = self._headers
-        conn = _tokens(headers.getall("Connection", ()))
-        keep_alive = "close" not in conn if version == "1.1" else "keep-alive" in conn
-        head = RequestHead(
-            method=method.decode("ascii"),
-            target=self._url.decode("latin-1"),
-            version=version,
-            headers=headers,
-            content_length=self._cl,
-            chunked=self._te,
-            keep_alive=keep_alive,
-            upgrade=self._parser.should_upgrade(),
-            expect_continue=False,
+        if self._conn is None:
+            keep_alive = version == "1.1"
+        else:
+            conn = _tokens(self._conn)
+            keep_alive = "close" not in conn if version == "1.1" else "keep-alive" in conn
+        name = _METHODS.get(method)
+        if name is None:
+            name = method.decode("ascii")
+            if len(_METHODS) < 64:
+                _METHODS[method] = name
+        has_body = self._te or bool(self._cl)
+        self.head = RequestHead(
+            name,
+            self._url.decode("latin-1"),
+            version,
+            CIMultiDict(self._pairs),
+            self._cl,
+            self._te,
+            keep_alive,
+            parser.should_upgrade(),
+            version == "1.1" and has_body and self._expect is not None and self._expect.lower() == "100-continue",
         )
-        head.expect_continue = (
-            version == "1.1"
-            and head.has_body
-            and headers.get("Expect", "").lower() == "100-continue"
-        )
-        self.head = head
 
     def _check_request_line(self, method: bytes, version: str) -> None:
         """Exactly ``METHOD SP target SP HTTP/1.x CRLF`` (after optional empty CRLF
@@ -282,9 +336,7 @@ class RequestParser:
         start = 0
         while buf.startswith(b"\r\n", start):
             start += 2
-        line_end = buf.find(b"\r\n", start)
-        expected = b"%s %s HTTP/%s" % (method, self._url, version.encode())
-        if line_end == -1 or buf[start:line_end] != expected:
+        if not buf.startswith(b"%s %s%s" % (method, self._url, _LINE_END[version]), start):
             raise self._fail("malformed request line")
 
     def on_body(self, body: bytes) -> None:

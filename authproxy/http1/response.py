@@ -41,6 +41,10 @@ def _short(e: BaseException) -> str:
     return str(e).split("\n", 1)[0][:120] or type(e).__name__
 
 
+_NAMES: dict[bytes, tuple[str, bytes]] = {}  # header names seen → (str, lower-case bytes)
+_FRAMING = frozenset((b"content-length", b"transfer-encoding", b"connection"))
+
+
 class ResponseParser:
     """One response: a fresh llhttp parser and the framing rules on top of it.
 
@@ -48,17 +52,20 @@ class ResponseParser:
     a head ends at the first CRLF CRLF and nowhere else), then, for a chunked body
     only, the body (``parser.feed_data``); a second message is refused."""
 
+    __slots__ = ("label", "parser", "body", "_tail", "_head_len", "_reason", "_pairs", "cl", "cl_count",
+                 "te_count", "_messages", "conn_tokens", "head_done", "msg_done", "keep_alive", "error")  # fmt: skip
+
     def __init__(self, label: str) -> None:
         self.label = label
         self.parser = httptools.HttpResponseParser(self)
         self.body: _Body | None = None  # where a chunked body goes
         self._tail = b""  # the last bytes of the head so far, to find a CRLF CRLF split across reads
         self._head_len = 0
-        self._reason: list[bytes] = []
-        self._raw_headers: list[tuple[bytes, bytes]] = []
+        self._reason = b""
+        self._pairs: list[tuple[str, str]] = []
         self.cl: int | None = None
         self.cl_count = self.te_count = self._messages = 0
-        self.conn_tokens: set[bytes] = set()
+        self.conn_tokens: frozenset[bytes] | set[bytes] = _NO_TOKENS
         self.head_done = self.msg_done = False
         self.keep_alive = False  # llhttp's verdict, taken at headers-complete (it resets after the message)
         self.error: ResponseFramingError | None = None
@@ -73,10 +80,10 @@ class ResponseParser:
 
     @property
     def reason(self) -> str:
-        return b"".join(self._reason).decode("latin-1")
+        return self._reason.decode("latin-1")
 
     def headers(self) -> CIMultiDict[str]:
-        return CIMultiDict((n.decode("latin-1"), v.decode("latin-1")) for n, v in self._raw_headers)
+        return CIMultiDict(self._pairs)
 
     def refuse(self, what: str) -> ResponseFramingError:
         self.error = ResponseFramingError(f"{self.label} sent an invalid response: {what}")
@@ -93,7 +100,7 @@ class ResponseParser:
         if end < 0:
             i = data.find(b"\r\n\r\n")
             end = i + 4 if i >= 0 else -1
-        piece = data if end < 0 else data[:end]
+        piece = data if end < 0 or end == len(data) else data[:end]
         self._head_len += len(piece)
         if self._head_len > MAX_HEAD:
             raise self.refuse(f"a response head over {MAX_HEAD} bytes")
@@ -120,25 +127,33 @@ class ResponseParser:
             raise self.refuse("bytes after the end of the response")
 
     def on_status(self, reason: bytes) -> None:
-        self._reason.append(reason)
+        self._reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        low = name.lower()
+        known = _NAMES.get(name)
+        if known is None:
+            known = (name.decode("latin-1"), name.lower())
+            if len(_NAMES) < 1024:
+                _NAMES[name] = known
         value = value.rstrip(b" \t")
-        if low == b"content-length":
-            self.cl_count += 1
-            if self.cl_count > 1:
-                raise self.refuse("several Content-Length headers")
-            if not value.isdigit() or len(value) > 18:
-                raise self.refuse("a Content-Length that is not a decimal number")
-            self.cl = int(value)
-        elif low == b"transfer-encoding":
-            self.te_count += 1
-            if self.te_count > 1 or value.lower() != b"chunked":
-                raise self.refuse("a Transfer-Encoding other than exactly chunked")
-        elif low == b"connection":
-            self.conn_tokens.update(t.strip(b" \t") for t in value.lower().split(b","))
-        self._raw_headers.append((name, value))
+        low = known[1]
+        if low in _FRAMING:
+            if low == b"content-length":
+                self.cl_count += 1
+                if self.cl_count > 1:
+                    raise self.refuse("several Content-Length headers")
+                if not value.isdigit() or len(value) > 18:
+                    raise self.refuse("a Content-Length that is not a decimal number")
+                self.cl = int(value)
+            elif low == b"transfer-encoding":
+                self.te_count += 1
+                if self.te_count > 1 or value.lower() != b"chunked":
+                    raise self.refuse("a Transfer-Encoding other than exactly chunked")
+            else:
+                if self.conn_tokens is _NO_TOKENS:
+                    self.conn_tokens = set()
+                self.conn_tokens.update(t.strip(b" \t") for t in value.lower().split(b","))  # type: ignore[union-attr]
+        self._pairs.append((known[0], value.decode("latin-1")))
 
     def on_headers_complete(self) -> None:
         if self.cl_count and self.te_count:
@@ -151,6 +166,9 @@ class ResponseParser:
 
     def on_message_complete(self) -> None:
         self.msg_done = True
+
+
+_NO_TOKENS: frozenset[bytes] = frozenset()
 
 
 class _Body:
