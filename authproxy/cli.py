@@ -15,7 +15,8 @@ from typing import Any, Awaitable, Callable
 
 from authproxy import __version__
 from authproxy.config import Config, ConfigError, config_path, load_config
-from authproxy.observe import setup_logging
+from authproxy.secret import Redactor, collect_secrets
+from authproxy.observe import set_log_redactor, setup_logging
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
@@ -77,6 +78,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "check":
         return _check(config)
     setup_logging(config.log.level, config.log.format)
+    set_log_redactor(Redactor(collect_secrets(config)))  # every log line of token/login/logout/rotate too
     if args.command == "run":
         from authproxy.proxy.app import serve
 

@@ -396,3 +396,26 @@ async def test_set_cookie_is_scoped_to_its_service(upstream, proxy):
         async with s.get(p.url + "/a/v2/x") as r:
             assert r.status == 200
     assert seen == [None]
+
+
+async def test_access_log_masks_configured_secrets_and_only_this_services_parameters(upstream, proxy, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="authproxy.access")
+    up = await upstream(echo.make_app())
+    key = secret("path-secret-value-991")
+    p = await proxy(
+        {
+            "services": {
+                "q": {"upstream": up, "auth": {"scheme": "query", "params": {"api_key": key}}},
+                "b": bearer(up),
+            }
+        }
+    )
+    for path in (f"/b/x/{key}?code=abc123&state=s", f"/q/x?api_key=client&q=%s" % key.replace("-", "%2D"), "/b/y?code=keepme"):
+        async with p.request("GET", path) as r:
+            assert r.status == 200
+    logged = [r.fields["path"] for r in caplog.records if getattr(r, "fields", None) and "path" in r.fields]  # type: ignore[attr-defined]
+    assert logged[0] == "/b/x/***?code=abc123&state=s"  # code= is not a credential of a bearer service
+    assert key not in logged[1] and "api_key=***" in logged[1]
+    assert logged[2] == "/b/y?code=keepme"

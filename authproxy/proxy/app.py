@@ -23,7 +23,7 @@ from urllib.parse import parse_qsl
 
 from authproxy import systemd
 from authproxy.config import Config, ConfigError, load_config
-from authproxy.observe import Metrics, access_log, log_event, setup_logging
+from authproxy.observe import Metrics, access_log, log_event, set_log_redactor, setup_logging
 from authproxy.http1.listener import raise_nofile_limit
 from authproxy.http1.server import Exchange, Server, ServerLimits
 from authproxy.proxy.errors import ProxyError, error_parts, reason
@@ -32,7 +32,7 @@ from authproxy.proxy.headers import RESPONSE_DROP
 from authproxy.proxy.guard import Guard
 from authproxy.proxy.routing import Router
 from authproxy.runtime import ServiceRuntime
-from authproxy.secret import mask_url
+from authproxy.secret import CALLBACK_PARAMS, Redactor, UrlMasker, collect_secrets
 from authproxy.state import StateDir
 
 log = logging.getLogger("authproxy.proxy")
@@ -55,7 +55,11 @@ class ProxyServer:
         self._idle = asyncio.Event()
         self._idle.set()
         self._retiring: set[asyncio.Task[None]] = set()
-        self._secret_params: frozenset[str] = frozenset()
+        # Logged URLs: each service's credential parameters and every configured secret
+        # (in any encoding) masked; built once per config load, not per request.
+        self._url_maskers: dict[str, UrlMasker] = {}
+        self._url_masker = UrlMasker()
+        self._callback_masker = UrlMasker(CALLBACK_PARAMS)
         self.stopping = False
         # Request ids: a random per-process prefix and a counter — unique, and no syscall per request.
         self._rid_prefix = os.urandom(5).hex() + "-"
@@ -75,7 +79,13 @@ class ProxyServer:
         self.forwarders = {n: self.forwarders.get(n) if self.forwarders.get(n) and self.forwarders[n].rt is rt else Forwarder(rt, self.metrics) for n, rt in runtimes.items()}  # type: ignore[misc]
         self.router = Router((f.prefix, f) for f in self.forwarders.values())
         self.guard = Guard(config.inbound, config.listen)
-        self._secret_params = frozenset(p for rt in runtimes.values() for p in rt.scheme.secret_params)
+        # One redactor for every service's secrets: a secret of service A in a request
+        # to service B (or in any log line) is still a leak.
+        everyone = Redactor(collect_secrets(config))
+        self._url_maskers = {n: UrlMasker(rt.scheme.secret_params, everyone) for n, rt in runtimes.items()}
+        self._url_masker = UrlMasker((), everyone)
+        self._callback_masker = UrlMasker(CALLBACK_PARAMS, everyone)
+        set_log_redactor(everyone)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -250,7 +260,11 @@ class ProxyServer:
         finally:
             elapsed = time.perf_counter() - started
             self.metrics.request(service or "-", status, elapsed)
-            access_log.log(rid, ex.peer, ex.method, mask_url(raw, self._secret_params), service, status, elapsed)
+            if raw.startswith("/-/callback/"):
+                masker = self._callback_masker
+            else:
+                masker = self._url_maskers.get(service, self._url_masker) if service else self._url_masker
+            access_log.log(rid, ex.peer, ex.method, masker(raw), service, status, elapsed)
             self._inflight -= 1
             if self._inflight == 0:
                 self._idle.set()
