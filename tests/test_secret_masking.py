@@ -432,3 +432,29 @@ def test_log_redactor_masks_fields_messages_and_tracebacks() -> None:
     rec = logging.LogRecord("authproxy.x", logging.INFO, __file__, 1, "m %s", (forms["percent"],), None)
     assert forms["percent"] in TextFormatter().format(rec)
     assert sys.modules["authproxy.observe"]._redactor is None
+
+
+@pytest.mark.parametrize("scheme", ["fogbugz", "app_token"])
+async def test_a_secret_straddling_the_cut_of_an_error_text_is_not_half_shown(upstream: Any, proxy: Any, scheme: str) -> None:
+    """Error texts are cut to a few hundred characters: the cut comes after masking,
+    so a secret that straddles it never shows a readable prefix."""
+
+    async def refuse(request: web.Request) -> web.Response:
+        form = dict(parse_qsl(await request.text(), keep_blank_values=True))
+        filler = "x" * ((300 if scheme == "fogbugz" else 200) - len(form["password"]) // 2 - 10)
+        return web.Response(status=500 if scheme == "fogbugz" else 400, text=f"bad: {filler} got {form['password']} end")
+
+    app = web.Application()
+    app.router.add_route("*", "/api.asp", refuse)
+    app.router.add_route("*", "/api/v1/token/", refuse)
+    url = await upstream(app)
+    make_service = fogbugz_service if scheme == "fogbugz" else app_token_service
+    p = await proxy({"services": {"svc": make_service(url)}})
+
+    async def failed() -> Any:
+        doc = (await p.get_json("/-/readyz"))[1]["services"]["svc"]
+        return doc["last_error"] is not None and doc
+
+    doc = await wait_for(failed, 10)
+    half = PASSWORD[: len(PASSWORD) // 2]
+    assert half not in doc["last_error"], doc["last_error"]

@@ -30,6 +30,7 @@ from urllib.parse import quote
 from authproxy.config import FieldError
 from authproxy.observe import log_event
 from authproxy.schemes.base import (
+    MASK_WINDOW,
     CliIO,
     Credential,
     CredentialError,
@@ -447,7 +448,7 @@ class AppTokenScheme(Scheme):
         """A credential endpoint said no (4xx: refused, back off hard) or failed (5xx):
         its own message, with anything of ours it echoes masked."""
         refused = 400 <= reply.status < 500 and reply.status not in (408, 429)
-        detail = self.ctx.error_text(_detail(reply), self._app_token, *more)
+        detail = self.ctx.error_text(_detail(reply), self._app_token, *more)[:200]  # masked whole, then cut
         verb = "refused" if refused else "failed"
         return CredentialError(f"{what} {verb}: HTTP {reply.status}: {detail}", refused=refused)
 
@@ -457,10 +458,10 @@ def _detail(reply: Reply) -> str:
     try:
         doc = json.loads(reply.body)
     except ValueError:
-        return reply.text(200) or "(no body)"
+        return reply.text(MASK_WINDOW) or "(no body)"
     if isinstance(doc, dict) and isinstance(doc.get("detail"), str):
-        return doc["detail"][:200]
-    return json.dumps(doc)[:200]
+        return doc["detail"][:MASK_WINDOW]
+    return json.dumps(doc)[:MASK_WINDOW]
 
 
 def _all(headers: Mapping[str, str], name: str) -> list[str]:

@@ -134,6 +134,9 @@ def set_query_param(query: str, name: str, value: str) -> str:
 # --------------------------------------------------------------------------- talking to credential endpoints
 
 
+MASK_WINDOW = 4096  # how much of an upstream's error text is masked before it is cut to size
+
+
 @dataclass
 class Reply:
     status: int

@@ -38,7 +38,7 @@ from xml.etree import ElementTree
 
 from authproxy.config import FieldError, FilePath, read_secret_file
 from authproxy.observe import log_event
-from authproxy.schemes.base import Credential, CredentialError, Outgoing, Reply, Scheme, SchemeContext, UpstreamReply
+from authproxy.schemes.base import MASK_WINDOW, Credential, CredentialError, Outgoing, Reply, Scheme, SchemeContext, UpstreamReply
 from authproxy.schemes.fogbugz_body import (
     NOT_LOGGED_ON,
     PARAM,
@@ -261,7 +261,7 @@ class FogBugzScheme(Scheme):
 
     def _reply_xml(self, reply: Reply, what: str, sent: Secret | None = None) -> ElementTree.Element:
         if reply.status != 200:
-            detail = self._message(reply.text(), sent)
+            detail = self._message(reply.text(MASK_WINDOW), sent)  # masked whole, then cut: a cut secret would escape the mask
             message = f"FogBugz {what}: {reply.url} answered HTTP {reply.status}" + (f": {detail}" if detail else "")
             # A 4xx (other than a timeout or rate limit) will not change by retrying soon.
             raise CredentialError(message, refused=400 <= reply.status < 500 and reply.status not in (408, 429))
