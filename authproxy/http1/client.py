@@ -54,6 +54,10 @@ class State(enum.Enum):
     CLOSED = "closed"
 
 
+_IDLE, _WRITING, _HEAD, _BODY = State.IDLE, State.WRITING, State.HEAD, State.BODY
+_DONE, _UPGRADED, _CLOSED = State.DONE, State.UPGRADED, State.CLOSED
+
+
 class Connection(asyncio.Protocol):
     """One upstream connection; one exchange at a time. ``on_release(conn)`` is called
     when the response is released, ``on_idle_lost(conn)`` when an idle connection
@@ -65,7 +69,7 @@ class Connection(asyncio.Protocol):
         self.label = label  # the origin, for messages (never a header value: it could be a secret)
         self._on_release, self._on_idle_lost, self._on_detach = on_release, on_idle_lost, on_detach
         self.transport: asyncio.Transport | None = None
-        self.state = State.IDLE
+        self.state = _IDLE
         self.pooled = False  # in the pool's idle list
         self.idle_since = 0.0
         self.deadline: float | None = None  # loop time by which the current exchange must end
@@ -86,17 +90,18 @@ class Connection(asyncio.Protocol):
         self._p = ResponseParser(label)
 
     # ------------------------------------------------------------ the exchange
-    async def exchange(self, method: str, head: bytes, body: bytes | None, stream: AsyncIterator[bytes] | None,
-                       length: int | None, deadline: float | None, upgrade: bool = False) -> Response:  # fmt: skip
+    def exchange(self, method: str, head: bytes, body: bytes | None, stream: AsyncIterator[bytes] | None,
+                 length: int | None, deadline: float | None, upgrade: bool = False) -> asyncio.Future[Response]:  # fmt: skip
         """Send one request (head + body, or head then the stream with backpressure) and
         return at its final response head. Failures: :class:`Disconnected` (``sent``
         and ``got`` say whether it may be retried), ``RequestBodyError``, framing, timeout.
-        ``upgrade``: the request asked for a protocol switch (else a 101 is refused)."""
+        ``upgrade``: the request asked for a protocol switch (else a 101 is refused).
+        Returns the future of the response head (a plain function: no coroutine per request)."""
         self.sent = self.got = False
         t = self.transport
-        if t is None or t.is_closing() or self.state is not State.IDLE or self.will_close:
+        if t is None or t.is_closing() or self.state is not _IDLE or self.will_close:
             raise Disconnected(f"{self.label} closed the connection before the request was sent")
-        self.state, self._method, self.deadline, self._upgrade = State.WRITING, method, deadline, upgrade
+        self.state, self._method, self.deadline, self._upgrade = _WRITING, method, deadline, upgrade
         self.sent = True
         self._p = ResponseParser(self.label)  # a fresh parser for every response
         fut = self._head_fut = self._loop.create_future()
@@ -109,7 +114,7 @@ class Connection(asyncio.Protocol):
             t.write(body)
         if stream is not None:
             self._writer = self._loop.create_task(self._pump(stream, length))
-        return await fut
+        return fut
 
     async def _pump(self, stream: AsyncIterator[bytes], length: int | None) -> None:
         """Copy the request body stream, waiting whenever the transport's buffer is full."""
@@ -162,7 +167,7 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         st = self.state
-        if st is State.BODY:
+        if st is _BODY:
             mode = self._mode
             if mode == _LENGTH:
                 self._length_body(data)
@@ -170,9 +175,9 @@ class Connection(asyncio.Protocol):
                 self._chunked_body(data)
             elif data:
                 self._body.feed(data)  # type: ignore[union-attr]
-        elif st is State.WRITING or st is State.HEAD:
+        elif st is _WRITING or st is _HEAD:
             self._head_bytes(data)
-        elif st is State.UPGRADED:
+        elif st is _UPGRADED:
             self._raw.feed(data)  # type: ignore[union-attr]
         elif data:  # idle, done or closing: bytes nobody asked for; this connection can't be trusted
             self.will_close = True
@@ -180,7 +185,7 @@ class Connection(asyncio.Protocol):
                 self.transport.abort()
 
     def eof_received(self) -> bool | None:
-        if self.state is State.UPGRADED:
+        if self.state is _UPGRADED:
             self._raw.feed_eof()  # type: ignore[union-attr]
             return True  # a half-close: the other direction may still be relayed
         return None  # close our side too; connection_lost ends whatever was under way
@@ -188,22 +193,22 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: BaseException | None) -> None:
         self.transport = None
         self._wake_drain()
-        st, self.state = self.state, State.CLOSED
+        st, self.state = self.state, _CLOSED
         self.deadline = None
         self.will_close = True
-        if st is State.IDLE:
+        if st is _IDLE:
             self._on_idle_lost(self)
-        elif st is State.WRITING or st is State.HEAD:
+        elif st is _WRITING or st is _HEAD:
             why = f" ({_short(exc)})" if exc is not None else ""
             where = "in the middle of the response head" if self.got else "before answering"
             self._fail_head(Disconnected(f"{self.label} closed the connection {where}{why}"))
-        elif st is State.BODY:
+        elif st is _BODY:
             if self._mode == _EOF and exc is None:
                 self._body.finish()  # type: ignore[union-attr]  # a close-delimited body ends here
             else:
                 self._body.fail(ResponseBodyError(f"{self.label} closed the connection in the middle of the response body"))  # type: ignore[union-attr]
-        elif st is State.UPGRADED:
-            self.state = State.UPGRADED
+        elif st is _UPGRADED:
+            self.state = _UPGRADED
             if exc is not None:
                 self._raw.set_exception(ConnectionResetError(_short(exc)))  # type: ignore[union-attr]
             else:
@@ -246,7 +251,7 @@ class Connection(asyncio.Protocol):
         """Feed the parser up to the end of the head; then the rest per the response."""
         self.got = True
         while data:
-            self.state = State.HEAD
+            self.state = _HEAD
             try:
                 end = self._p.feed_head(data)
             except ResponseFramingError as e:
@@ -258,7 +263,7 @@ class Connection(asyncio.Protocol):
             if status >= 200 or status == 101:
                 return self._final_head(status, data)
             self._p = ResponseParser(self.label)  # 100 Continue, 103 Early Hints: consumed; a fresh parser
-            self.state = State.WRITING
+            self.state = _WRITING
 
     def _final_head(self, status: int, rest: bytes) -> None:
         p = self._p
@@ -280,7 +285,7 @@ class Connection(asyncio.Protocol):
         if status == 101:
             from .tunnel import RawStream  # only here: the server side's module, needed for upgrades alone
 
-            self.state, self.deadline = State.UPGRADED, None
+            self.state, self.deadline = _UPGRADED, None
             self._raw, self._raw_transport = RawStream(self.transport), self.transport
             body.finish()
             if rest:
@@ -288,21 +293,21 @@ class Connection(asyncio.Protocol):
         elif self._method == "HEAD" or status == 204 or status == 304:
             if rest or (declared and status != 304):
                 keep = False  # a body that was sent anyway, or may still come, must not be read as a response
-            self.state = State.BODY
+            self.state = _BODY
             self._mode = _LENGTH
             self._remaining = 0
         elif chunked:
             keep = keep and p.keep_alive
-            self.state, self._mode = State.BODY, _CHUNKED
+            self.state, self._mode = _BODY, _CHUNKED
         elif p.cl is not None:
             keep = keep and p.keep_alive
-            self.state, self._mode, self._remaining = State.BODY, _LENGTH, p.cl
+            self.state, self._mode, self._remaining = _BODY, _LENGTH, p.cl
         else:
             keep = False  # delimited by the connection closing
-            self.state, self._mode = State.BODY, _EOF
+            self.state, self._mode = _BODY, _EOF
         self.will_close = not keep
         resp = Response(self, body, status, p.reason, version, p.headers(), p.cl, chunked, self.will_close)
-        if self.state is State.BODY and (rest or (self._mode == _LENGTH and not self._remaining)):
+        if self.state is _BODY and (rest or (self._mode == _LENGTH and not self._remaining)):
             self.data_received(rest)  # may complete the body (or find it broken) right away
         fut = self._head_fut
         if fut is not None and not fut.done():
@@ -349,7 +354,7 @@ class Connection(asyncio.Protocol):
             self._complete()
 
     def _complete(self) -> None:
-        self.state = State.DONE
+        self.state = _DONE
         self.deadline = None
         self._body.finish()  # type: ignore[union-attr]
         if self.will_close and self.transport is not None:
@@ -360,19 +365,19 @@ class Connection(asyncio.Protocol):
         """Called by the pool when ``deadline`` passed."""
         self.deadline = None
         st = self.state
-        if st is State.BODY and self._body is not None:
+        if st is _BODY and self._body is not None:
             self._body.fail(ResponseBodyTimeout(f"{self.label} did not finish its response within {total:g}s"))
         self._fail_head(UpstreamTimeout(f"{self.label} did not answer within {total:g}s"))
 
     @property
     def reusable(self) -> bool:
         t, w = self.transport, self._writer
-        return (self.state is State.DONE and not self.will_close and t is not None and not t.is_closing()
+        return (self.state is _DONE and not self.will_close and t is not None and not t.is_closing()
                 and (w is None or w.done()))  # fmt: skip
 
     def reset(self, now: float) -> None:
         """Back to IDLE for the next exchange (the pool calls this on a reusable connection)."""
-        self.state, self.deadline, self.idle_since = State.IDLE, None, now
+        self.state, self.deadline, self.idle_since = _IDLE, None, now
         self._head_fut = self._writer = self._body = None
         self._resume()
 
@@ -394,7 +399,7 @@ class Connection(asyncio.Protocol):
         w = self._writer
         if w is not None and not w.done() and w is not asyncio.current_task():
             w.cancel()
-        if self._body is not None and self.state is not State.UPGRADED:
+        if self._body is not None and self.state is not _UPGRADED:
             self._body.fail(ResponseBodyError(f"the connection to {self.label} was closed before the body ended"))
         if self.transport is not None:
             self.transport.abort()

@@ -61,6 +61,7 @@ class _Connection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_cb: Callable[[], None] | None = None  # what the one timer does at _deadline
         self._deadline = 0.0
+        self._head_started = 0.0
         self._eof = False
         self._write_paused = False
         self._drainers: list[asyncio.Future[None]] = []
@@ -153,8 +154,8 @@ class _Connection(asyncio.Protocol):
         parser = self._parser
         if parser is None:
             parser = self._parser = RequestParser(self.limits.max_head)
-            self._set_timer(None)  # the head's deadline counts from now, armed if it is not whole at once
-            self._deadline = self.loop.time() + self.limits.header_timeout
+            self._timer_cb = None  # the head's deadline counts from now, armed if it is not whole at once
+            self._head_started = self.loop.time()
         try:
             used = parser.feed(data)
         except FramingError as exc:
@@ -163,24 +164,25 @@ class _Connection(asyncio.Protocol):
             self._refuse(exc.reason)
             return
         ex = self._exchange
-        if ex is None and parser.head is None and self._timer_cb is None:
-            self._set_timer(self._deadline - self.loop.time(), self._head_timed_out)
-        if ex is None and parser.head is not None:
-            self._set_timer(None)
+        if ex is None:
+            if parser.head is None:
+                if self._timer_cb is None:
+                    self._set_timer(self._head_started + self.limits.header_timeout - self.loop.time(), self._head_timed_out)
+                return
+            self._timer_cb = None
             ex = self._exchange = Exchange(self, parser.head, self.peer, self.limits.body_timeout)
-            self._task = self.loop.create_task(self._run(ex))
-            self.server._tasks.add(self._task)
-        if ex is not None:
-            if parser.body:
-                ex._push(parser.body)
-                parser.body = []
-                if ex._buffered > self.limits.read_high_water:
-                    self._pause("body")
-            if parser.complete:
-                self._parser = None
-                ex._end_body()
-                if used < len(data):
-                    self._hold(data[used:])
+            task = self._task = self.loop.create_task(self._run(ex))
+            self.server._tasks.add(task)
+        if parser.body:
+            ex._push(parser.body)
+            parser.body = []
+            if ex._buffered > self.limits.read_high_water:
+                self._pause("body")
+        if parser.complete:
+            self._parser = None
+            ex._end_body()
+            if used < len(data):
+                self._hold(data[used:])
 
     def _hold(self, data: bytes) -> None:
         """A pipelined request (or an upgrade's first raw bytes): kept, not parsed yet."""
@@ -199,8 +201,8 @@ class _Connection(asyncio.Protocol):
                 ex._state, ex.status, ex._close_after = _DONE, 500, True
                 self.write(_INTERNAL_ERROR if ex.method != "HEAD" else _INTERNAL_ERROR_HEAD)
         finally:
-            self.server._tasks.discard(asyncio.current_task())  # type: ignore[arg-type]
-            self._task = None
+            task, self._task = self._task, None
+            self.server._tasks.discard(task)  # type: ignore[arg-type]
             self._finished(ex)
 
     def _finished(self, ex: Exchange) -> None:
@@ -218,11 +220,12 @@ class _Connection(asyncio.Protocol):
             self._close_gracefully()
             return
         self._exchange = None
-        self._paused.discard("body")
-        data, self._stash = bytes(self._stash), bytearray()
-        self._paused.discard("stash")
-        self._resume()
-        if data:
+        if self._paused:
+            self._paused.discard("body")
+            self._paused.discard("stash")
+            self._resume()
+        if self._stash:
+            data, self._stash = bytes(self._stash), bytearray()
             self._process(data)
         else:
             self._set_timer(self.limits.idle_timeout, self._idle_timed_out)

@@ -186,25 +186,30 @@ class Exchange:
     async def respond(self, status: int, reason: str, headers: HeaderList = (), body: bytes = b"") -> None:
         """The whole response in one write: head (engine's framing) and body. No body
         for HEAD, 1xx, 204 and 304 (a HEAD keeps the given ``Content-Length``)."""
-        length = len(body) if body or not (self.method == "HEAD") else None
-        data = self._head(status, reason, headers, length, streaming=False)
-        if self._framing == "length" and body:
+        length = len(body) if body or self.method != "HEAD" else None
+        data = self._head(status, reason, headers, length, False)  # checks that the connection is writable
+        if body and self._framing == "length":
             data += body
             self.bytes_out = len(body)
         self._state = _DONE
-        self._conn.write(data)
-        self._conn.response_done(self)
-        await self._conn.drain()
+        conn = self._conn
+        conn.transport.write(data)
+        if self._tunnel:
+            conn.response_done(self)
+        if conn._write_paused or conn.closed:
+            await conn.drain()
 
     async def start(self, status: int, reason: str, headers: HeaderList = (), content_length: int | None = None) -> None:
         """A streamed response: ``Content-Length`` when known, else chunked to an HTTP/1.1
         client, else delimited by closing the connection. Then :meth:`write`, :meth:`end`."""
-        data = self._head(status, reason, headers, content_length, streaming=True)
+        data = self._head(status, reason, headers, content_length, True)  # checks that the connection is writable
         self._state = _DONE if self._tunnel else _STREAMING
-        self._conn.write(data)
+        conn = self._conn
+        conn.transport.write(data)
         if self._tunnel:
-            self._conn.response_done(self)
-        await self._conn.drain()
+            conn.response_done(self)
+        if conn._write_paused or conn.closed:
+            await conn.drain()
 
     async def write(self, data: bytes) -> None:
         """A piece of the body; waits while the client reads slower than we write."""

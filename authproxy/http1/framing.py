@@ -370,6 +370,8 @@ class _BodyOnly:
 _DROPPED = frozenset(("content-length", "transfer-encoding", "connection"))
 _REASON_BAD = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _TOKEN_STR = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_STATUS_LINES: dict[tuple[int, str], str] = {}  # (status, reason) → "HTTP/1.1 200 OK\r\n"
+_OUT_NAMES: dict[str, str] = {}  # response header names already checked → lower-case
 
 
 def response_head(
@@ -384,23 +386,34 @@ def response_head(
     framing (``framing`` is the engine's own), one latin-1 string, CRLF line ends.
     A CR, LF or NUL in a name or value is a bug of the caller (ValueError), never
     a header injection. ``keep_content_length`` passes the caller's length (HEAD)."""
-    if not 100 <= status <= 999:
-        raise ValueError(f"bad status {status}")
-    lines = [f"HTTP/1.1 {status} {_REASON_BAD.sub(' ', reason)}"]
-    items = headers.items() if isinstance(headers, Mapping) else headers
+    line = _STATUS_LINES.get((status, reason))
+    if line is None:
+        if type(status) is not int or not 100 <= status <= 999:
+            raise ValueError(f"bad status {status}")
+        line = f"HTTP/1.1 {status} {_REASON_BAD.sub(' ', reason)}\r\n"
+        if len(_STATUS_LINES) < 256:
+            _STATUS_LINES[(status, reason)] = line
+    parts = [line]
+    items = headers if type(headers) is list or type(headers) is tuple else (
+        headers.items() if isinstance(headers, Mapping) else headers)  # fmt: skip
+    names = _OUT_NAMES
     for name, value in items:
-        lname = name.lower()
+        lname = names.get(name)
+        if lname is None:
+            if not _TOKEN_STR.fullmatch(name):
+                raise ValueError(f"bad response header name {name!r}")
+            lname = name.lower()
+            if len(names) < 1024:
+                names[name] = lname
         if lname in _DROPPED:
             if not (keep_content_length and lname == "content-length" and value.strip().isdigit()):
                 continue
             value = value.strip()
-        if not _TOKEN_STR.fullmatch(name):
-            raise ValueError(f"bad response header name {name!r}")
-        lines.append(f"{name}: {value}")
-    for name, value in framing:
-        lines.append(f"{name}: {value}")
-    text = "\r\n".join(lines)
-    breaks = len(lines) - 1
-    if text.count("\n") != breaks or text.count("\r") != breaks or "\0" in text:
+        parts.append(f"{name}: {value}\r\n")
+    block = "".join(parts)
+    breaks = len(parts)
+    if block.count("\n") != breaks or block.count("\r") != breaks or "\0" in block:
         raise ValueError("CR, LF or NUL in a response header value")
-    return (text + "\r\n\r\n").encode("latin-1")
+    if framing:
+        block += "".join([f"{name}: {value}\r\n" for name, value in framing])
+    return (block + "\r\n").encode("latin-1")

@@ -121,7 +121,11 @@ class Pool:
         head, upgrade = self._head(method, target, headers, framing)
 
         deadline = loop.time() + self._total
-        conn, reused = await self._acquire(deadline)
+        conn = self._take_idle() if self._idle else None
+        if conn is not None:
+            reused = True
+        else:
+            conn, reused = await self._acquire(deadline)
         retried = False
         while True:
             try:
@@ -150,14 +154,15 @@ class Pool:
                 self._methods.add(method)
         if not isinstance(target, str) or not target or _BAD_TARGET.search(target):
             raise ValueError("the request target is empty or contains a space, control character or NUL")
-        if isinstance(headers, Mapping):  # a CIMultiDict (all its items, in order) or a dict
-            items: list[tuple[str, str]] | tuple[tuple[str, str], ...] = list(headers.items())
+        if type(headers) is list or type(headers) is tuple:
+            items: Iterable[tuple[str, str]] = headers
+        elif isinstance(headers, Mapping):  # a CIMultiDict (all its items, in order) or a dict
+            items = list(headers.items())
         else:
-            items = headers if isinstance(headers, (list, tuple)) else list(headers)
+            items = list(headers)
         names = self._names
-        lines = [f"{method} {target} HTTP/1.1\r\n{self._host_line}"]
+        lines = []
         upgrade = False
-        n = 0
         for name, value in items:
             known = names.get(name)
             if known is None:
@@ -169,12 +174,13 @@ class Pool:
                 known = low == "upgrade"
                 if len(names) < 1024:
                     names[name] = known
-            upgrade = upgrade or known
-            if not isinstance(value, str):
+            if known:
+                upgrade = True
+            if type(value) is not str and not isinstance(value, str):
                 raise ValueError(f"the value of header {name!r} is not a str")
             lines.append(f"{name}: {value}\r\n")
-            n += 1
-        block = "".join(lines[1:])
+        n = len(lines)
+        block = "".join(lines)
         # Every CR and LF must be one of our separators: anything else would start a
         # header (or a request) of its own.
         if block.count("\n") != n or block.count("\r") != n or "\0" in block:
@@ -184,7 +190,7 @@ class Pool:
             raise ValueError("the request head contains CR, LF or NUL")
         if upgrade:
             block += "Connection: Upgrade\r\n"  # the caller asked for a protocol switch; the pool owns Connection
-        text = f"{lines[0]}{block}{framing}\r\n"
+        text = f"{method} {target} HTTP/1.1\r\n{self._host_line}{block}{framing}\r\n"
         try:
             return text.encode("latin-1"), upgrade  # what a server decoded as latin-1 goes back byte for byte
         except UnicodeEncodeError:

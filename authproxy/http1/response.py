@@ -261,6 +261,18 @@ class Response:
 
     async def read_all(self, limit: int | None = None) -> bytes:
         """The whole body. Over ``limit`` bytes: :class:`ResponseTooLarge`, connection closed."""
+        body = self._body
+        if body.done and body.error is None and not self.upgraded:  # all here already: no await
+            chunks = body.chunks
+            data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+            chunks.clear()
+            body.size = 0
+            if limit is not None and len(data) > limit:
+                self.release()
+                raise ResponseTooLarge(f"the response body is over {limit} bytes")
+            self.bytes_read += len(data)
+            self.release()
+            return data
         if limit is not None and self.content_length is not None and self.content_length > limit and not self._body.done:
             self.release()
             raise ResponseTooLarge(f"the response body ({self.content_length} bytes) is over {limit} bytes")
