@@ -59,6 +59,7 @@ class FilePath(str):
 class LogConfig:
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["text", "json"] = "text"
+    audit_file: str | None = None  # the access records also as JSON lines in this file (0600; reopened on SIGHUP)
 
 
 @dataclass(frozen=True)
