@@ -508,3 +508,59 @@ def test_k8s_wiring():
 
     # Enough time to drain and revoke before SIGKILL.
     assert pod["terminationGracePeriodSeconds"] > config.get("shutdown_timeout", 10) + 5
+
+
+# --------------------------------------------------------------------------
+# systemd/authproxy.logrotate: the audit file's rotation
+
+LOGROTATE = REPO / "systemd" / "authproxy.logrotate"
+LOGROTATE_DIRECTIVES = {
+    "daily", "weekly", "monthly", "rotate", "compress", "delaycompress", "missingok", "notifempty",
+    "create", "sharedscripts", "postrotate", "endscript", "su", "maxage", "dateext",
+}  # fmt: skip
+
+
+def logrotate_stanzas() -> dict[str, list[str]]:
+    """path → its directive lines (comments dropped, postrotate scripts kept as lines)."""
+    stanzas: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for raw in LOGROTATE.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if current is None:
+            assert line.endswith("{"), f"expected 'PATH {{', got {line!r}"
+            current = stanzas.setdefault(line[:-1].strip(), [])
+        elif line == "}":
+            current = None
+        else:
+            current.append(line)
+    assert current is None, "unclosed stanza"
+    return stanzas
+
+
+def test_logrotate_rotates_the_audit_file_and_sends_hup():
+    stanzas = logrotate_stanzas()
+    assert len(stanzas) == 1
+    ((path, lines),) = stanzas.items()
+    assert path.startswith("/var/log/authproxy/")
+    script = lines[lines.index("postrotate") + 1 : lines.index("endscript")]
+    directives = [line.split() for line in lines if line not in script]
+    for words in directives:
+        assert words[0] in LOGROTATE_DIRECTIVES, words
+    assert ["create", "0600"] in directives  # the audit file stays private across rotations
+    assert ["rotate", "14"] in directives and ["daily"] in directives
+    assert {"compress", "delaycompress", "missingok", "notifempty"} <= {w[0] for w in directives}
+    # postrotate makes the service reopen its audit file (authproxy reopens on SIGHUP).
+    (cmd,) = script
+    assert re.search(r"\bsystemctl kill -s HUP authproxy\.service\b", cmd), cmd
+    assert (REPO / "systemd" / "authproxy.service").exists()
+
+
+def test_logrotate_names_the_path_its_example_config_sets():
+    from authproxy.config import load_config_text
+
+    (path,) = logrotate_stanzas()
+    (example,) = [m.group(1) for m in re.finditer(r"(?m)^#\s+(log:\s*\{.*audit_file.*\})\s*$", LOGROTATE.read_text())]
+    config = load_config_text(example + "\n")
+    assert config.log.audit_file == path
