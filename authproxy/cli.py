@@ -114,12 +114,28 @@ def _service(config: Config, name: str) -> str:
 def _check(config: Config) -> int:
     from authproxy.schemes import SCHEMES
 
+    keys = config.inbound.keys
     print(f"{config.path}: OK")
     print(f"  listen     {config.listen}")
     print(f"  state_dir  {config.state_dir}")
+    print(f"  keys       {', '.join(k.name for k in keys) if keys else 'no inbound keys: any client that reaches the listener'}")
     for name, svc in config.services.items():
         SCHEMES[svc.scheme]  # registered: the loader already checked
         print(f"  {svc.prefix:<16} → {svc.upstream.url}  ({name}: {svc.scheme})")
+        # Least privilege: what may be done through this service, and with which keys (names only).
+        if svc.allow is None:
+            print("      allow  all requests (no allow rules)")
+        else:
+            width = max([len("METHODS")] + [len(r.methods_text) for r in svc.allow.rules])
+            print(f"      allow  {'METHODS':<{width}}  PATHS")
+            for rule in svc.allow.rules:
+                for i, path in enumerate(rule.paths):
+                    print(f"             {rule.methods_text if i == 0 else '':<{width}}  {path}")
+        users = [k.name for k in keys if k.may_use(name)]
+        if not keys:
+            print("      keys   any client (no inbound keys)")
+        else:
+            print(f"      keys   {', '.join(users) if users else 'none'}")
     if not config.services:
         print("  (no services configured)")
     return EXIT_OK

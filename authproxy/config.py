@@ -3,8 +3,9 @@
 One generic loader walks the dataclass fields of each section, so a scheme's
 settings are declared once, as a dataclass in the scheme's own module, and get
 the same treatment as everything else: ``${VAR}`` / ``${VAR:-default}`` /
-``${file:PATH}`` interpolation, ``k_file`` for secret keys, defaults, unknown
-keys rejected, and every error naming the file, the line and the key path.
+``${file:PATH}`` interpolation, ``k_file`` and ``k_command`` for secret keys,
+defaults, unknown keys rejected, and every error naming the file, the line and
+the key path.
 Errors are collected rather than raised at the first one, so that one run of
 ``authproxy check`` shows everything that is wrong.
 """
@@ -15,6 +16,8 @@ import dataclasses
 import ipaddress
 import os
 import re
+import signal
+import subprocess
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,9 +26,12 @@ from typing import Any, Literal, Mapping
 
 import yaml
 
+from authproxy.proxy.policy import Policy, Rule, RuleError, compile_rule
 from authproxy.secret import Secret
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]*$")
+KEY_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
+COMMAND_TIMEOUT = 10.0  # seconds a k_command may take
 DEFAULT_LISTEN = "127.0.0.1:8080"
 DEFAULT_STATE_DIR = "~/.local/state/authproxy"
 DEFAULT_CONFIG_FILE = "authproxy.yaml"
@@ -40,11 +46,12 @@ class ConfigError(Exception):
 
 
 class FieldError(Exception):
-    """Raised by a section's ``check()`` to blame one of its keys."""
+    """Raised by a section's ``check()`` to blame one of its keys (``index``: one item of a list)."""
 
-    def __init__(self, key: str | None, message: str) -> None:
+    def __init__(self, key: str | None, message: str, index: int | None = None) -> None:
         self.key = key
         self.message = message
+        self.index = index
         super().__init__(message)
 
 
@@ -63,9 +70,23 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class InboundKey:
+    """An inbound key: its name (logged, never the key) and the services it may use."""
+
+    name: str
+    key: Secret
+    services: tuple[str, ...] | None = None  # None: every service
+
+    def may_use(self, service: str) -> bool:
+        return self.services is None or service in self.services
+
+
+@dataclass(frozen=True)
 class InboundConfig:
     allow_remote: bool = False
-    keys: tuple[Secret, ...] = ()
+    # Plain strings (named key1, key2, ...), keys_file / keys_command lines (numbered on),
+    # and {name, key | key_file | key_command, services} mappings: see _Loader.inbound_keys.
+    keys: tuple[InboundKey, ...] = field(default=(), metadata={"load": "inbound_keys"})
     hosts: tuple[str, ...] = ()
     allow_origins: tuple[str, ...] = ()
     idle_timeout: float = 75.0  # an idle keep-alive client connection is closed after this
@@ -130,6 +151,9 @@ class ServiceConfig:
     max_replay_body: int
     scheme: str
     auth: Any  # the scheme's own Config dataclass
+    # Least privilege: None = every request. Not compared: changing the rules on
+    # SIGHUP keeps the service's credentials.
+    allow: Policy | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -262,6 +286,59 @@ def read_secret_file(path: str, base_dir: Path) -> str:
         raise ValueError(f"file {p} is not UTF-8 text") from None
 
 
+def run_secret_command(argv: tuple[str, ...] | list[str], base_dir: Path, env: Mapping[str, str] | None = None) -> str:
+    """A ``k_command`` secret: run without a shell (in the config file's folder); its
+    standard output, trailing newline stripped, is the value. A failure names the
+    program, its exit status and the last line of its standard error, never its
+    standard output."""
+    prog = argv[0]
+    try:
+        proc = subprocess.Popen(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=base_dir,
+            env=dict(os.environ if env is None else env),
+            start_new_session=True,  # a timeout kills the command's children too
+        )
+    except FileNotFoundError:
+        raise ValueError(f"command {prog} not found") from None
+    except OSError as e:
+        raise ValueError(f"cannot run command {prog}: {e.strerror or e}") from None
+    try:
+        out, err = proc.communicate(timeout=COMMAND_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except OSError:
+            proc.kill()
+        try:
+            proc.communicate(timeout=2)
+        except subprocess.TimeoutExpired:  # pragma: no cover - a pipe held open elsewhere
+            pass
+        raise ValueError(f"command {prog} did not finish within {COMMAND_TIMEOUT:g} s") from None
+    lines = [ln.strip() for ln in err.decode("utf-8", "replace").splitlines() if ln.strip()]
+    last = f": {lines[-1][:300]}" if lines else ""
+    if proc.returncode != 0:
+        rc = proc.returncode
+        status = f"killed by signal {-rc}" if rc < 0 else f"exit status {rc}"
+        raise ValueError(f"command {prog} failed ({status}){last}")
+    try:
+        value = out.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError:
+        raise ValueError(f"command {prog} printed something that is not UTF-8 text") from None
+    if not value:
+        raise ValueError(f"command {prog} printed nothing{last}")
+    return value
+
+
+def _key_lines(content: str) -> list[str]:
+    """A keys file or command output: one key a line; blank lines and # comments ignored."""
+    lines = [ln.strip() for ln in content.splitlines()]
+    return [ln for ln in lines if ln and not ln.startswith("#")]
+
+
 # --------------------------------------------------------------------------- the loader
 
 
@@ -271,6 +348,7 @@ class _Loader:
         self.env = env
         self.base_dir = Path(path).resolve().parent if path != "<string>" else Path.cwd()
         self.errors: list[str] = []
+        self.service_names: list[str] = []
 
     # ---- error helpers
     def err(self, node: yaml.Node | None, keypath: str, message: str) -> None:
@@ -397,33 +475,27 @@ class _Loader:
             given[key] = (knode, vnode)
         values: dict[str, Any] = {}
         bad = False
+        custom = {n: f.metadata["load"] for n, f in fields.items() if "load" in f.metadata}
         for key, (knode, vnode) in given.items():
             if key in skip:
                 continue
             kp = _join(keypath, key)
-            if key.endswith("_file") and key[:-5] in fields and _is_secret(hints[key[:-5]]) and key not in fields:
-                name = key[:-5]
-                if name in given:
-                    self.err(knode, kp, f"give either {name} or {key}, not both")
+            name, _ = _source_of(key)
+            if key in custom or name in custom:
+                continue  # below
+            if name in fields and key not in fields and _is_secret(hints[name]):
+                forms = [k for k in (name, f"{name}_file", f"{name}_command") if k in given]
+                if len(forms) > 1:
+                    if key == next(k for k in forms if k != name and k not in fields):  # said once
+                        either = f"either {forms[0]} or {forms[1]}, not both" if len(forms) == 2 else f"only one of {', '.join(forms)}"
+                        self.err(knode, kp, f"give {either}")
                     bad = True
                     continue
-                path = self.scalar(vnode, kp)
-                if path is _INVALID:
+                content = self.secret_source(key, vnode, kp)
+                if content is _INVALID:
                     bad = True
-                    continue
-                if not isinstance(path, str):
-                    self.err(vnode, kp, "expected a file path")
-                    bad = True
-                    continue
-                try:
-                    content = read_secret_file(path, self.base_dir)
-                except ValueError as e:
-                    self.err(vnode, kp, str(e))
-                    bad = True
-                    continue
-                if typing.get_origin(_strip_optional(hints[name])) is tuple:
-                    lines = [ln.strip() for ln in content.splitlines()]
-                    values[name] = tuple(Secret(ln) for ln in lines if ln and not ln.startswith("#"))
+                elif typing.get_origin(_strip_optional(hints[name])) is tuple:
+                    values[name] = tuple(Secret(ln) for ln in _key_lines(content))
                 else:
                     values[name] = Secret(content)
                 continue
@@ -436,6 +508,14 @@ class _Loader:
                 bad = True
             else:
                 values[key] = value
+        for name, method in custom.items():
+            parts = {k: given[k] for k in (name, f"{name}_file", f"{name}_command") if k in given and k not in skip}
+            if parts:
+                value = getattr(self, method)(parts, keypath)
+                if value is _INVALID:
+                    bad = True
+                else:
+                    values[name] = value
         for name, f in fields.items():
             if name in values or name in skip:
                 continue
@@ -452,9 +532,120 @@ class _Loader:
                 check()
         except FieldError as e:
             where = given.get(e.key, (None, node))[1] if e.key else node
-            self.err(where, _join(keypath, e.key) if e.key else keypath, e.message)
+            key = e.key
+            if e.index is not None and key:
+                key = f"{key}[{e.index}]"
+                if isinstance(where, yaml.SequenceNode) and e.index < len(where.value):
+                    where = where.value[e.index]
+            self.err(where, _join(keypath, key) if key else keypath, e.message)
             return _INVALID
         return obj
+
+    # ---- secrets from files and commands
+    def secret_source(self, key: str, vnode: yaml.Node, kp: str) -> Any:
+        """The text of a ``k_file`` or ``k_command`` secret, or _INVALID (the error said)."""
+        if key.endswith("_command"):
+            if not isinstance(vnode, yaml.SequenceNode) or not vnode.value:
+                self.err(vnode, kp, "expected a list [PROGRAM, ARG...] (run without a shell)")
+                return _INVALID
+            argv = self.convert(tuple[str, ...], vnode, kp)
+            if argv is _INVALID:
+                return _INVALID
+            env = self.env if self.env is os.environ else {**os.environ, **self.env}
+            try:
+                return run_secret_command(argv, self.base_dir, env)
+            except ValueError as e:
+                self.err(vnode, kp, str(e))
+                return _INVALID
+        path = self.scalar(vnode, kp)
+        if path is _INVALID:
+            return _INVALID
+        if not isinstance(path, str):
+            self.err(vnode, kp, "expected a file path")
+            return _INVALID
+        try:
+            return read_secret_file(path, self.base_dir)
+        except ValueError as e:
+            self.err(vnode, kp, str(e))
+            return _INVALID
+
+    # ---- inbound.keys
+    def inbound_keys(self, parts: dict[str, tuple[yaml.Node, yaml.Node]], keypath: str) -> Any:
+        """``keys`` (plain strings and named mappings), then ``keys_file`` and
+        ``keys_command`` lines: unnamed keys are ``key1``, ``key2``, ... in that order."""
+        entries: list[tuple[str | None, Secret, yaml.Node, str, tuple[str, ...] | None]] = []
+        ok = True
+        if "keys" in parts:
+            kp = _join(keypath, "keys")
+            vnode = parts["keys"][1]
+            if isinstance(vnode, yaml.ScalarNode) and vnode.tag == "tag:yaml.org,2002:null":
+                pass
+            elif not isinstance(vnode, yaml.SequenceNode):
+                self.err(vnode, kp, "expected a list of keys, or of {name, key, services} mappings")
+                ok = False
+            else:
+                for i, item in enumerate(vnode.value):
+                    ikp = f"{kp}[{i}]"
+                    if isinstance(item, yaml.MappingNode):
+                        named = self.section(_NamedKeySection, item, ikp)
+                        if named is _INVALID or not self.known_services(named.services, item, ikp):
+                            ok = False
+                            continue
+                        entries.append((named.name, named.key, item, ikp, named.services))
+                        continue
+                    value = self.scalar(item, ikp)
+                    if value is _INVALID:
+                        ok = False
+                    elif not isinstance(value, (str, int)) or isinstance(value, bool) or str(value) == "":
+                        self.err(item, ikp, "expected a key (a non-empty string) or a {name, key, services} mapping")
+                        ok = False
+                    else:
+                        entries.append((None, Secret(str(value)), item, ikp, None))
+        for key in ("keys_file", "keys_command"):
+            if key in parts:
+                kp = _join(keypath, key)
+                content = self.secret_source(key, parts[key][1], kp)
+                if content is _INVALID:
+                    ok = False
+                    continue
+                entries.extend((None, Secret(ln), parts[key][1], kp, None) for ln in _key_lines(content))
+        if not ok:
+            return _INVALID
+        out: list[InboundKey] = []
+        names: dict[str, str] = {}
+        values: dict[str, tuple[str, bool]] = {}  # key → (its name, named)
+        n = 0
+        for name, secret, node, kp, services in entries:
+            named = name is not None
+            if name is None:
+                n += 1
+                name = f"key{n}"
+            if name in names:
+                self.err(_child(node, "name") or node, f"{kp}.name" if named else kp, f"the key name {name} is already used by {names[name]}")
+                ok = False
+                continue
+            names[name] = kp
+            other = values.get(secret.reveal())
+            # The same key under two names would be logged as the first one, with its
+            # services: an error once a named key is involved (duplicate plain keys are harmless).
+            if other is not None and (named or other[1]):
+                self.err(node, kp, f"the same key as {other[0]}: each key must be different")
+                ok = False
+                continue
+            values.setdefault(secret.reveal(), (name, named))
+            out.append(InboundKey(name, secret, services))
+        return tuple(out) if ok else _INVALID
+
+    def known_services(self, services: tuple[str, ...] | None, node: yaml.Node, kp: str) -> bool:
+        ok = True
+        for j, svc in enumerate(services or ()):
+            if svc not in self.service_names:
+                seq = _child(node, "services")
+                where = seq.value[j] if isinstance(seq, yaml.SequenceNode) and j < len(seq.value) else node
+                known = ", ".join(self.service_names) or "none"
+                self.err(where, f"{kp}.services[{j}]", f"unknown service {svc!r} (configured: {known})")
+                ok = False
+        return ok
 
     # ---- the document
     def load(self, text: str) -> Config:
@@ -466,8 +657,10 @@ class _Loader:
             raise ConfigError([f"{self.path}{line}: not valid YAML: {getattr(e, 'problem', None) or e}"]) from None
         if root is None:
             root = yaml.MappingNode("tag:yaml.org,2002:map", [], yaml.Mark(self.path, 0, 0, 0, "", 0), None)
-        top = self.section(_TopSection, root, "", skip=("services",))
         services_node = next((v for k, v in getattr(root, "value", []) if isinstance(k, yaml.ScalarNode) and k.value == "services"), None)
+        if isinstance(services_node, yaml.MappingNode):  # for inbound.keys[].services, read before the services are
+            self.service_names = [k.value for k, _ in services_node.value if isinstance(k, yaml.ScalarNode) and isinstance(k.value, str)]
+        top = self.section(_TopSection, root, "", skip=("services",))
         services = self.services(services_node)
         if self.errors or top is _INVALID or services is _INVALID:
             raise ConfigError(self.errors or [f"{self.path}: invalid configuration"])
@@ -528,6 +721,7 @@ class _Loader:
                 max_replay_body=svc.max_replay_body,
                 scheme=scheme_name,
                 auth=auth,
+                allow=svc.policy(),
             )
         return out
 
@@ -587,16 +781,56 @@ class _TopSection:
 
 
 @dataclass(frozen=True)
+class _NamedKeySection:
+    name: str
+    key: Secret | None = None  # or key_file / key_command
+    services: tuple[str, ...] | None = None  # None: every service
+
+    def check(self) -> None:
+        if not KEY_NAME_RE.fullmatch(self.name):
+            raise FieldError("name", "key names are lower-case letters, digits, '_', '.' and '-', starting with a letter or digit")
+        if self.key is None:
+            raise FieldError("key", "required (or key_file, key_command)")
+        if not self.key:
+            raise FieldError("key", "must not be empty")
+        if self.services is not None and not self.services:
+            raise FieldError("services", "must not be empty (leave services out for every service)")
+
+
+@dataclass(frozen=True)
+class _AllowRule:
+    paths: tuple[str, ...]
+    methods: tuple[str, ...] | None = None  # None: any method
+    compiled: Rule | None = field(default=None, init=False, compare=False, repr=False)
+
+    def check(self) -> None:
+        try:
+            rule = compile_rule(self.methods, self.paths)
+        except RuleError as e:
+            key, _, index = e.where.partition("[")
+            raise FieldError(key, e.message, int(index[:-1]) if index else None) from None
+        object.__setattr__(self, "compiled", rule)
+
+
+@dataclass(frozen=True)
 class _ServiceSection:
     upstream: str
     prefix: str | None = None
     timeout: TimeoutConfig = field(default_factory=TimeoutConfig)
     ca_file: FilePath | None = None
     max_replay_body: int = 1048576
+    allow: tuple[_AllowRule, ...] | None = None
 
     def check(self) -> None:
         if self.max_replay_body < 0:
             raise FieldError("max_replay_body", "must not be negative")
+        if self.allow is not None and not self.allow:
+            raise FieldError("allow", "an empty list would refuse every request (leave allow out to allow every request)")
+
+    def policy(self) -> Policy | None:
+        if self.allow is None:
+            return None
+        return Policy(tuple(r.compiled for r in self.allow if r.compiled is not None))
 
 
 class _Invalid:
@@ -620,6 +854,14 @@ def _child(node: yaml.Node | None, key: str) -> yaml.Node | None:
 
 def _line(node: yaml.Node | None) -> str:
     return f":{node.start_mark.line + 1}" if node is not None else ""
+
+
+def _source_of(key: str) -> tuple[str, str | None]:
+    """``token_file`` → (token, file); ``token_command`` → (token, command); else (key, None)."""
+    for suffix in ("_file", "_command"):
+        if key.endswith(suffix) and len(key) > len(suffix):
+            return key[: -len(suffix)], suffix[1:]
+    return key, None
 
 
 def _strip_optional(tp: Any) -> Any:

@@ -100,7 +100,7 @@ def test_secret_files(tmp_path: Path) -> None:
     )
     cfg = load_config(cfg_path, env={})
     assert cfg.services["s"].auth.token.reveal() == "file-token"
-    assert [k.reveal() for k in cfg.inbound.keys] == ["k1", "k2"]
+    assert [(k.name, k.key.reveal()) for k in cfg.inbound.keys] == [("key1", "k1"), ("key2", "k2")]
 
 
 def test_secret_file_errors(tmp_path: Path) -> None:

@@ -30,6 +30,7 @@ from authproxy.proxy.errors import ProxyError, error_parts, reason
 from authproxy.proxy.forward import Forwarder, Passthrough
 from authproxy.proxy.headers import RESPONSE_DROP
 from authproxy.proxy.guard import Guard
+from authproxy.proxy.policy import Policy
 from authproxy.proxy.routing import Router
 from authproxy.runtime import ServiceRuntime
 from authproxy.secret import CALLBACK_PARAMS, Redactor, UrlMasker, collect_secrets
@@ -50,6 +51,7 @@ class ProxyServer:
         self.forwarders: dict[str, Forwarder] = {}
         self.router: Router[Forwarder] = Router([])
         self.guard = Guard(config.inbound, config.listen)
+        self.policies: dict[str, Policy] = {}  # services with allow rules (compiled at config load)
         self._server: Server | None = None
         self._inflight = 0
         self._idle = asyncio.Event()
@@ -79,6 +81,7 @@ class ProxyServer:
         self.forwarders = {n: self.forwarders.get(n) if self.forwarders.get(n) and self.forwarders[n].rt is rt else Forwarder(rt, self.metrics) for n, rt in runtimes.items()}  # type: ignore[misc]
         self.router = Router((f.prefix, f) for f in self.forwarders.values())
         self.guard = Guard(config.inbound, config.listen)
+        self.policies = {n: svc.allow for n, svc in config.services.items() if svc.allow is not None}
         # One redactor for every service's secrets: a secret of service A in a request
         # to service B (or in any log line) is still a leak.
         everyone = Redactor(collect_secrets(config))
@@ -224,6 +227,7 @@ class ProxyServer:
         if rid is None or not _REQUEST_ID.match(rid):
             rid = f"{self._rid_prefix}{next(self._rid_counter):06x}"
         service: str | None = None
+        key: str | None = None  # the inbound key's name, for the access record
         status = 500
         try:
             if raw.startswith("/-/"):
@@ -235,13 +239,19 @@ class ProxyServer:
                 Guard.check_target(raw)
                 guard.check_host(headers)
                 guard.check_origin(headers)
-                guard.check_key(headers)
+                key = guard.check_key(headers)
                 path, _, query = raw.partition("?")
                 match = self.router.match(path)
                 if match is None:
                     raise ProxyError("no_route", "no service is configured for this path")
                 fwd, rest = match
                 service = fwd.name
+                # Least privilege, before the forwarder asks for (or waits on) a credential.
+                if key is not None:
+                    guard.check_key_service(key, service, ex.method, rest or "/")
+                policy = self.policies.get(service)
+                if policy is not None and not policy.allows(ex.method, rest):
+                    raise ProxyError("not_allowed", f"service {service} does not allow {ex.method} {rest or '/'} (no allow rule matches)", service)
                 rt = fwd.rt
                 rt.enter()
                 try:
@@ -264,7 +274,7 @@ class ProxyServer:
                 masker = self._callback_masker
             else:
                 masker = self._url_maskers.get(service, self._url_masker) if service else self._url_masker
-            access_log.log(rid, ex.peer, ex.method, masker(raw), service, status, elapsed)
+            access_log.log(rid, ex.peer, ex.method, masker(raw), service, status, elapsed, key=key)
             self._inflight -= 1
             if self._inflight == 0:
                 self._idle.set()

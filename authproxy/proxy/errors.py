@@ -9,6 +9,7 @@ REASONS = {
     "bad_request": 400,
     "inbound_key_required": 401,
     "obo_forbidden": 403,
+    "not_allowed": 403,
     "host_not_allowed": 403,
     "origin_forbidden": 403,
     "no_route": 404,

@@ -3,7 +3,8 @@
 A credential-injecting listener on localhost is reachable by every web page the
 user opens (cross-site requests, DNS rebinding), so browsers are refused unless
 an operator allowed an origin, and a Host that is not ours is refused outright.
-Nothing here knows about services or schemes.
+Nothing here knows about schemes; of services only which ones a named inbound key
+may use.
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ class Guard:
         self._hosts = frozenset(allowed_any_port)
         self._hosts_exact = frozenset(allowed_exact)
         self._origins = frozenset(o.rstrip("/").lower() for o in inbound.allow_origins)
-        self._keys = tuple(k.reveal().encode() for k in inbound.keys)
+        self._keys = tuple((k.name, k.key.reveal().encode()) for k in inbound.keys)
+        self._key_services = {k.name: None if k.services is None else frozenset(k.services) for k in inbound.keys}
         self._seen_hosts: set[str] = set()
 
     @staticmethod
@@ -96,18 +98,29 @@ class Guard:
         if site is not None and site.lower() in ("cross-site", "same-site"):
             raise ProxyError("origin_forbidden", "cross-site browser requests are not allowed")
 
-    def check_key(self, headers: Mapping[str, str]) -> None:
+    def check_key(self, headers: Mapping[str, str]) -> str | None:
+        """The name of the inbound key the request carries (None when no keys are
+        configured); ``inbound_key_required`` without a valid one."""
         if not self._keys:
-            return
+            return None
         given = headers.get(KEY_HEADER)
         if given is not None:
             raw = given.encode("utf-8", "surrogateescape")
-            ok = False
-            for key in self._keys:  # compare with every key, in constant time each
-                ok |= hmac.compare_digest(raw, key)
-            if ok:
-                return
+            found: str | None = None
+            for name, key in self._keys:  # compare with every key, in constant time each
+                if hmac.compare_digest(raw, key) and found is None:
+                    found = name
+            if found is not None:
+                return found
         raise ProxyError("inbound_key_required", f"this proxy requires a valid {KEY_HEADER} header")
+
+    def check_key_service(self, key: str | None, service: str, method: str, path: str) -> None:
+        """``not_allowed`` when a named key's ``services`` leave out this service."""
+        if key is None:
+            return
+        services = self._key_services.get(key)
+        if services is not None and service not in services:
+            raise ProxyError("not_allowed", f"key {key} may not use service {service}: {method} {path} refused", service)
 
     def allows_origin_header(self, origin: str | None) -> bool:
         return origin is not None and origin.rstrip("/").lower() in self._origins
