@@ -293,7 +293,7 @@ class AuditFile:
         self._timer_loop: asyncio.AbstractEventLoop | None = None
         self._failing = False  # a failure episode is under way (its WARNING was logged)
         self._open_pending = True  # the path must be (re)opened: at start, or a failed reopen
-        self._dropped = 0
+        self.dropped = 0  # records lost in the current failure episode
         self._broken_line = False  # a write stopped mid-line: start the next one on a new line
 
     # ------------------------------------------------------------------ records
@@ -332,17 +332,17 @@ class AuditFile:
         self._buf, self._size = [], 0
         fd = self._fd
         if fd is None:
-            self._dropped += len(lines)
+            self.dropped += len(lines)
             return
-        data = ("\n" if self._broken_line else "") + "\n".join(lines) + "\n"
-        view = memoryview(data.encode("utf-8", "surrogateescape"))
+        data = (("\n" if self._broken_line else "") + "\n".join(lines) + "\n").encode("utf-8", "surrogateescape")
+        view = memoryview(data)
         try:
             while view:
                 n = os.write(fd, view)
                 view = view[n:]
         except OSError as e:
             self._broken_line = len(view) < len(data)  # part of it went out
-            self._dropped += len(lines)
+            self.dropped += len(lines)
             self._fail("write", e)
             return
         self._broken_line = False
@@ -370,7 +370,8 @@ class AuditFile:
             except FileExistsError:
                 fd = os.open(self.path, flags)
             else:
-                os.fchmod(fd, 0o600)  # 0600 even under a umask that takes owner bits away
+                with contextlib.suppress(OSError):
+                    os.fchmod(fd, 0o600)  # 0600 even under a umask that takes owner bits away
         except OSError as e:
             # Keep writing to the file opened before (a rotated one, say): nothing is
             # lost, and the open is tried again with the next records.
@@ -392,8 +393,8 @@ class AuditFile:
 
     def _resumed(self) -> None:
         self._failing = False
-        log_event(_audit_log, logging.INFO, "audit_file_resumed", path=self.path, dropped=self._dropped)
-        self._dropped = 0
+        log_event(_audit_log, logging.INFO, "audit_file_resumed", path=self.path, dropped=self.dropped)
+        self.dropped = 0
 
 
 _audit_log = logging.getLogger("authproxy.audit")

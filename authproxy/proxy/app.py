@@ -17,13 +17,14 @@ import re
 import signal
 import socket
 import stat
+import sys
 import time
 from typing import Any
 from urllib.parse import parse_qsl
 
 from authproxy import systemd
 from authproxy.config import Config, ConfigError, load_config
-from authproxy.observe import Metrics, access_log, log_event, set_log_redactor, setup_logging
+from authproxy.observe import AccessRecord, Metrics, access_log, log_event, set_log_redactor, setup_logging
 from authproxy.http1.listener import raise_nofile_limit
 from authproxy.http1.server import Exchange, Server, ServerLimits
 from authproxy.proxy.errors import ProxyError, error_parts, reason
@@ -93,6 +94,7 @@ class ProxyServer:
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         self._install(self.config, self._build(self.config, {}))
+        access_log.open_audit(self.config.log.audit_file)
         _, open_files = raise_nofile_limit()
         inbound = self.config.inbound
         limits = ServerLimits(
@@ -141,6 +143,7 @@ class ProxyServer:
         their credentials. An invalid file changes nothing."""
         systemd.reloading()
         try:
+            access_log.reopen()  # logrotate's postrotate: also when the new file is invalid
             try:
                 new = await asyncio.to_thread(load_config, path)
             except ConfigError as e:
@@ -154,6 +157,7 @@ class ProxyServer:
             old_log = self.config.log
             runtimes = self._build(new, keep)
             self._install(new, runtimes)
+            access_log.open_audit(new.log.audit_file)
             if new.log != old_log and access_log.stream is not None:
                 setup_logging(new.log.level, new.log.format)  # only where this process set logging up
             for name, rt in runtimes.items():
@@ -229,6 +233,9 @@ class ProxyServer:
         service: str | None = None
         key: str | None = None  # the inbound key's name, for the access record
         status = 500
+        decision: str | None = None
+        upstream_status: int | None = None
+        scrubbed = 0
         try:
             if raw.startswith("/-/"):
                 status = await self._reserved(ex, raw)
@@ -255,14 +262,16 @@ class ProxyServer:
                 rt = fwd.rt
                 rt.enter()
                 try:
-                    await fwd.forward(ex, rest, query, rid)
+                    upstream_status = await fwd.forward(ex, rest, query, rid)
                 finally:
                     rt.leave()
                 status = ex.status or 502
         except ProxyError as e:
             service = service or e.service
+            decision = e.code
             status = await self._refuse(ex, e, rid)
         except Passthrough as e:
+            decision = "local"  # the scheme's own reply, or the credential endpoint's
             r = e.reply
             headers = [(k, v) for k, v in r.headers.items() if k.lower() not in RESPONSE_DROP]
             status = r.status
@@ -274,7 +283,15 @@ class ProxyServer:
                 masker = self._callback_masker
             else:
                 masker = self._url_maskers.get(service, self._url_masker) if service else self._url_masker
-            access_log.log(rid, ex.peer, ex.method, masker(raw), service, status, elapsed, key=key)
+            if decision is None:
+                exc = sys.exc_info()[1]  # one that escapes handle(): the record still says what happened
+                if exc is None:
+                    decision = "local" if raw.startswith("/-/") else "forwarded"
+                else:
+                    decision = "client_closed" if isinstance(exc, ConnectionError) else "internal_error" if isinstance(exc, Exception) else "aborted"
+            access_log.record(
+                AccessRecord(rid, ex.peer, ex.method, masker(raw), service, status, elapsed, key, decision, upstream_status, ex.bytes_in, ex.bytes_out, None, scrubbed)
+            )
             self._inflight -= 1
             if self._inflight == 0:
                 self._idle.set()
@@ -293,6 +310,21 @@ class ProxyServer:
         peer = ex.peer if ex is not None else None
         log_event(log, logging.WARNING, "bad_request", client=peer, reason=why)
         self.metrics.request("-", 400, 0.0)
+        if ex is None or getattr(ex._conn, "_task", None) is None:
+            # No handler runs for this request (its head did not parse, or its body broke
+            # in the very read that brought the head), so its access record is made here.
+            rid = ex.headers.get("X-Request-Id") if ex is not None else None
+            if rid is None or not _REQUEST_ID.match(rid):
+                rid = f"{self._rid_prefix}{next(self._rid_counter):06x}"
+            service = None
+            path = "-"
+            if ex is not None:
+                match = self.router.match(ex.target.partition("?")[0])
+                service = match[0].name if match is not None else None
+                path = self._url_maskers.get(service, self._url_masker)(ex.target) if service else self._url_masker(ex.target)
+            access_log.record(
+                AccessRecord(rid, peer, ex.method if ex is not None else "-", path, service, 400, 0.0, None, "bad_request", None, ex.bytes_in if ex is not None else 0)
+            )
         return error_parts(ProxyError("bad_request", f"malformed request: {why}"))
 
     async def _reserved(self, ex: Exchange, raw: str) -> int:
