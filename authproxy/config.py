@@ -154,6 +154,7 @@ class ServiceConfig:
     # Least privilege: None = every request. Not compared: changing the rules on
     # SIGHUP keeps the service's credentials.
     allow: Policy | None = field(default=None, compare=False)
+    scrub_responses: bool = True  # injected secrets masked in responses (authproxy.proxy.scrub)
 
 
 @dataclass(frozen=True)
@@ -722,6 +723,7 @@ class _Loader:
                 scheme=scheme_name,
                 auth=auth,
                 allow=svc.policy(),
+                scrub_responses=svc.scrub_responses,
             )
         return out
 
@@ -820,6 +822,7 @@ class _ServiceSection:
     ca_file: FilePath | None = None
     max_replay_body: int = 1048576
     allow: tuple[_AllowRule, ...] | None = None
+    scrub_responses: bool = True
 
     def check(self) -> None:
         if self.max_replay_body < 0:

@@ -112,8 +112,8 @@ async def test_reload_keeps_credentials_of_unchanged_services(tmp_path, upstream
     cfg = {
         "listen": "127.0.0.1:0",
         "state_dir": p.server.config.state_dir,
-        "services": {"a": {"upstream": up, "auth": {"scheme": "bearer", "token": "ta"}}, "b": {"upstream": up, "auth": {"scheme": "bearer", "token": "tb-changed"}}},
-    }
+        "services": {"a": {"upstream": up, "auth": {"scheme": "bearer", "token": "ta"}}, "b": {"upstream": up, "scrub_responses": False, "auth": {"scheme": "bearer", "token": "tb-changed"}}},
+    }  # b: the echo's reply shows the credential sent, which scrubbing would mask
     path = write_config(tmp_path / "new.yaml", cfg)
     assert await p.server.reload(str(path))
     assert p.server.runtimes["a"] is before_a

@@ -262,7 +262,7 @@ class ProxyServer:
                 rt = fwd.rt
                 rt.enter()
                 try:
-                    upstream_status = await fwd.forward(ex, rest, query, rid)
+                    upstream_status, scrubbed = await fwd.forward(ex, rest, query, rid)
                 finally:
                     rt.leave()
                 status = ex.status or 502

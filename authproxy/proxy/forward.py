@@ -14,7 +14,7 @@ refusal instead of a ``100`` (and never uploads a body that would be refused).
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, AsyncIterator
+from typing import TYPE_CHECKING, AsyncIterator, NamedTuple
 
 from multidict import CIMultiDict
 from yarl import URL
@@ -32,6 +32,7 @@ from authproxy.observe import log_event
 from authproxy.proxy.cookies import scope_set_cookie
 from authproxy.proxy.errors import ProxyError
 from authproxy.proxy.headers import REQUEST_DROP, RESPONSE_DROP, end_to_end
+from authproxy.proxy.scrub import Scrubber, injected_values, is_compressed
 from authproxy.schemes.base import Credential, Forbidden, Outgoing, Scheme, UpstreamReply
 from authproxy.secret import SECRET_PARAMS
 
@@ -59,12 +60,25 @@ def strip_params(query: str, names: frozenset[str], values: frozenset[str]) -> s
     return "&".join(kept)
 
 
-class Passthrough(Exception):
-    """The credential endpoint's reply goes back to the client (see UpstreamReply)."""
+SCRUB_CACHE_MAX = 256  # scrubbers kept per service (one per credential: the service's own, OBO users')
 
-    def __init__(self, reply: UpstreamReply) -> None:
+
+class Forwarded(NamedTuple):
+    """What :meth:`Forwarder.forward` did: the upstream's status (None when none was
+    had) and how many secrets were masked in the response (``scrubbed=N``)."""
+
+    upstream_status: int | None
+    scrubbed: int = 0
+
+
+class Passthrough(Exception):
+    """The credential endpoint's reply goes back to the client (see UpstreamReply),
+    already scrubbed when it is raised by the forwarder (``scrubbed``: how many)."""
+
+    def __init__(self, reply: UpstreamReply, scrubbed: int = 0) -> None:
         super().__init__(str(reply))
         self.reply = reply
+        self.scrubbed = scrubbed
 
 
 class Forwarder:
@@ -86,6 +100,8 @@ class Forwarder:
         # Only schemes that pick a credential per request (on-behalf-of) pay for asking.
         self.wants_key = type(rt.scheme).credential_key is not Scheme.credential_key
         self.answers_locally = type(rt.scheme).local_reply is not Scheme.local_reply
+        self.scrub = cfg.scrub_responses
+        self._scrubbers: dict[Credential, tuple[tuple[tuple[str, str], ...], Scrubber]] = {}
 
     # ------------------------------------------------------------------ request side
     def _headers(self, ex: "Exchange", request_id: str) -> CIMultiDict[str]:
@@ -122,8 +138,8 @@ class Forwarder:
         return None, _stream(ex, parts), False
 
     # ------------------------------------------------------------------ the exchange
-    async def forward(self, ex: "Exchange", rest: str, query: str, request_id: str) -> int | None:
-        """Forward and answer; returns the upstream's status (None when none was had)."""
+    async def forward(self, ex: "Exchange", rest: str, query: str, request_id: str) -> Forwarded:
+        """Forward and answer; returns the upstream's status and the scrub count."""
         name = self.name
         key = None
         if self.wants_key:
@@ -151,11 +167,12 @@ class Forwarder:
         if self.answers_locally:
             local = self.scheme.local_reply(Outgoing(headers=headers, query=query, body=body, method=method, path=path))
             if local is not None:
-                raise Passthrough(local)
+                raise self._passthrough(local, cred)
         attempt = 0
         while True:
             out = Outgoing(headers=headers, query=query, body=body, method=method, path=path)
             self.scheme.apply(out, cred)
+            scrubber = self._scrubber(cred, out) if self.scrub else None
             target = f"{out.path}?{out.query}" if out.query else out.path
             resp = await self._send(method, target, out, stream, length)
             try:
@@ -178,18 +195,18 @@ class Forwarder:
                                 pass
                         continue
                 if resp.upgraded and websocket:
-                    await self._tunnel(ex, resp, cred, request_id)
+                    scrubbed = await self._tunnel(ex, resp, cred, scrubber)
                 else:
-                    await self._respond(ex, resp, cred, small, rest_stream, request_id)
-                return resp.status
+                    scrubbed = await self._respond(ex, resp, cred, small, rest_stream, request_id, scrubber)
+                return Forwarded(resp.status, scrubbed)
             finally:
                 resp.release()
 
-    async def _tunnel(self, ex: "Exchange", resp: "Response", cred: Credential, request_id: str) -> None:
+    async def _tunnel(self, ex: "Exchange", resp: "Response", cred: Credential, scrubber: Scrubber | None) -> int:
         """After the upstream's ``101``: the handshake's reply goes to the client, then
         bytes are relayed both ways untouched until either side closes (no idle
         timeout: a quiet WebSocket is not a dead one)."""
-        headers = self._response_headers(resp, cred)
+        headers, scrubbed = self._response_headers(resp, cred, scrubber)
         headers.append(("Upgrade", resp.headers.get("Upgrade", "websocket")))
         await ex.respond(101, resp.reason, headers)
         up_transport, up_stream = resp.takeover()
@@ -197,6 +214,7 @@ class Forwarder:
         sent, received = await relay(client_transport, client_stream, up_transport, up_stream)
         ex.bytes_in += sent
         ex.bytes_out += received
+        return scrubbed
 
     async def _send(self, method: str, target: str, out: Outgoing, stream: AsyncIterator[bytes] | None, length: int | None) -> "Response":
         name = self.name
@@ -237,7 +255,7 @@ class Forwarder:
         except Unavailable as e:
             raise ProxyError(e.code, e.message, self.name, retry_after=e.retry_after) from None
         except UpstreamReply as e:
-            raise Passthrough(e) from None
+            raise self._passthrough(e, self.creds.current(None)) from None
 
     async def _peek(self, resp: "Response") -> tuple[bytes, AsyncIterator[bytes] | None]:
         """Read a reply up to ``max_replay_body`` for the scheme to inspect; past that
@@ -259,8 +277,49 @@ class Forwarder:
         except UpstreamError as e:
             raise ProxyError("upstream_unreachable", f"{self.upstream.origin} broke off its reply: {e}", self.name) from None
 
+    # ------------------------------------------------------------------ scrubbing
+    def _scrubber(self, cred: Credential, out: Outgoing) -> Scrubber:
+        """The scrubber for the values ``cred`` injects, built once per credential: the
+        headers it was built from are compared with what was just applied (a scheme
+        may inject more than the credential, e.g. a rotated app token)."""
+        entry = self._scrubbers.get(cred)
+        if entry is not None:
+            applied = out.headers
+            for k, v in entry[0]:
+                if applied.get(k) != v:
+                    break
+            else:
+                return entry[1]
+        exported = self.scheme.exported(cred)
+        scrubber = Scrubber(injected_values(exported))
+        if len(self._scrubbers) >= SCRUB_CACHE_MAX:
+            self._scrubbers.clear()
+        self._scrubbers[cred] = (tuple(exported.get("headers", {}).items()), scrubber)
+        return scrubber
+
+    def _passthrough(self, reply: UpstreamReply, cred: Credential | None) -> Passthrough:
+        """A credential endpoint's (or the scheme's own) reply for the client, with what
+        was injected (the service's own credential) and every configured secret masked."""
+        if not self.scrub:
+            return Passthrough(reply)
+        values: list[str] = []
+        if cred is not None:
+            values = injected_values(self.scheme.exported(cred))
+        values += [s.reveal() if hasattr(s, "reveal") else s for s in self.scheme.ctx.known_secrets() if s]
+        scrubber = Scrubber(values)
+        headers, scrubbed = scrubber.headers(list(reply.headers.items()))
+        body = reply.body
+        if body and not is_compressed(v for k, v in headers if k.lower() == "content-encoding"):
+            body, n = scrubber.body(body)
+            scrubbed += n
+        if scrubbed:
+            reply = UpstreamReply(reply.status, dict(headers), body)
+        return Passthrough(reply, scrubbed)
+
     # ------------------------------------------------------------------ response side
-    def _response_headers(self, resp: "Response", cred: Credential) -> list[tuple[str, str]]:
+    def _response_headers(
+        self, resp: "Response", cred: Credential, scrubber: Scrubber | None
+    ) -> tuple[list[tuple[str, str]], int]:
         out: list[tuple[str, str]] = []
         for k, v in end_to_end(resp.headers, RESPONSE_DROP).items():
             lk = k.lower()
@@ -269,7 +328,9 @@ class Forwarder:
             elif lk == "set-cookie":
                 v = scope_set_cookie(v, self.prefix, self.base_path)
             out.append((k, v))
-        return out
+        if scrubber is None:
+            return out, 0
+        return scrubber.headers(out)
 
     def rewrite_location(self, location: str, cred: Credential | None) -> str:
         """A redirect into the upstream's base path is pointed back at the proxy's prefix
@@ -306,15 +367,19 @@ class Forwarder:
         small: bytes | None,
         rest_stream: AsyncIterator[bytes] | None,
         request_id: str,
-    ) -> None:
-        headers = self._response_headers(resp, cred)
+        scrubber: Scrubber | None,
+    ) -> int:
+        """Send the upstream's reply; returns how many secrets were masked in it."""
+        headers, scrubbed = self._response_headers(resp, cred, scrubber)
         if "X-Request-Id" not in resp.headers:
             headers.append(("X-Request-Id", request_id))
         length = resp.content_length
         if ex.method == "HEAD" or resp.status in (204, 304):
             await ex.start(resp.status, resp.reason, headers, content_length=length)  # no body, whatever was said
             await ex.end()
-            return
+            return scrubbed
+        if scrubber is not None and (not scrubber or is_compressed(resp.headers.getall("Content-Encoding", ()))):
+            scrubber = None  # compressed bodies pass byte for byte
         if small is None and rest_stream is None and length is not None and length <= COALESCE_MAX:
             try:
                 small = await resp.read_all()
@@ -322,23 +387,35 @@ class Forwarder:
                 raise ProxyError("upstream_unreachable", f"{self.upstream.origin} broke off its reply: {e}", self.name) from None
         if small is not None and rest_stream is None:
             # A small reply goes out as one write: status line, headers and body together.
+            if scrubber is not None and small:
+                small, n = scrubber.body(small)
+                scrubbed += n
             await ex.respond(resp.status, resp.reason, headers, small)
-            return
+            return scrubbed
         await ex.start(resp.status, resp.reason, headers, content_length=length)
         pieces = rest_stream if rest_stream is not None else _relay(resp, [])
+        body = scrubber.stream() if scrubber is not None else None
         try:
-            async for chunk in pieces:
-                await ex.write(chunk)
+            if body is None:
+                async for chunk in pieces:
+                    await ex.write(chunk)
+            else:
+                # A secret split between two reads is still masked: only the tail that
+                # could begin one is held back until the next read.
+                async for chunk in pieces:
+                    await ex.write(body.feed(chunk))
+                await ex.write(body.flush())
         except (ResponseBodyError, UpstreamError) as e:
             # The upstream broke off mid-body: the client must see a broken response,
             # not a short one that looks complete.
             log_event(log, logging.WARNING, "upstream_body_broken", service=self.name, error=str(e))
             ex.abort()
-            return
+            return scrubbed + (body.count if body is not None else 0)
         except ConnectionError:
             ex.abort()  # the client went away
-            return
+            return scrubbed + (body.count if body is not None else 0)
         await ex.end()
+        return scrubbed + (body.count if body is not None else 0)
 
 
 async def _stream(ex: "Exchange", first: list[bytes]) -> AsyncIterator[bytes]:
