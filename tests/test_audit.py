@@ -69,8 +69,9 @@ def _no_audit_file_left_open() -> Iterator[None]:
 
 def parse_text(line: str) -> dict[str, Any]:
     """A text access line → its fields (``-`` is none; quoted values are JSON strings)."""
-    ts, level, event, rest = line.split(" ", 3)[0], line.split()[1], line.split()[2], line.split("request ", 1)[1]
-    assert ts.endswith("Z") and level == "INFO" and event == "request"
+    head, rest = line.split(" request ", 1)
+    ts, level = head.split()
+    assert ts.endswith("Z") and level == "INFO"
     out: dict[str, Any] = {}
     while rest:
         name, _, rest = rest.partition("=")
