@@ -167,6 +167,18 @@ async def test_every_field_of_the_access_record(fmt, upstream, proxy, access_str
     assert TOKEN not in text and KEY not in text
 
 
+async def test_scrubbed_counts_the_secrets_masked_in_the_reply(upstream, proxy, access_stream):
+    up = await upstream(echo.make_app())
+    p = await proxy({"services": {"svc": bearer(up)}})
+    stream = access_stream("json")
+    async with p.request("GET", "/svc/echo", headers={"X-Request-Id": "audit-scrub"}) as r:
+        assert r.status == 200
+        got = await r.read()
+    assert TOKEN.encode() not in got  # the echo of the Authorization header came back masked
+    rec = by_id(records(stream, "json"), "audit-scrub")
+    assert rec["scrubbed"] >= 1 and rec["bytes_out"] == len(got)
+
+
 def test_record_lines_are_built_as_json_dumps_would_print_them():
     """The JSON line is built without json.dumps; it must be what json.dumps prints
     (escapes, non-ASCII, nulls), and the text line must keep one field a word."""

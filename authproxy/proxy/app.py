@@ -272,6 +272,7 @@ class ProxyServer:
             status = await self._refuse(ex, e, rid)
         except Passthrough as e:
             decision = "local"  # the scheme's own reply, or the credential endpoint's
+            scrubbed = e.scrubbed
             r = e.reply
             headers = [(k, v) for k, v in r.headers.items() if k.lower() not in RESPONSE_DROP]
             status = r.status
