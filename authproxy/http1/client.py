@@ -307,6 +307,8 @@ class Connection(asyncio.Protocol):
             self.state, self._mode = _BODY, _EOF
         self.will_close = not keep
         resp = Response(self, body, status, p.reason, version, p.headers(), p.cl, chunked, self.will_close)
+        if not chunked:
+            p.close()  # llhttp saw all it will see: free it now, not in a garbage collection
         if self.state is _BODY and (rest or (self._mode == _LENGTH and not self._remaining)):
             self.data_received(rest)  # may complete the body (or find it broken) right away
         fut = self._head_fut
@@ -356,6 +358,7 @@ class Connection(asyncio.Protocol):
     def _complete(self) -> None:
         self.state = _DONE
         self.deadline = None
+        self._p.close()
         self._body.finish()  # type: ignore[union-attr]
         if self.will_close and self.transport is not None:
             self.transport.close()

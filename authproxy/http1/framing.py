@@ -99,11 +99,11 @@ class RequestParser:
     __slots__ = (
         "_parser", "_max_head", "_head_buf", "_url", "_pairs", "_cl", "_te", "_hosts", "_conn",
         "_expect", "_last3", "_begun", "_error", "_body_fed", "_chunks", "head", "body",
-        "body_received", "complete", "started",
+        "body_received", "complete", "started", "_lines",
     )
 
     def __init__(self, max_head: int = 64 * 1024) -> None:
-        self._parser = httptools.HttpRequestParser(self)
+        self._parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
         self._max_head = max_head
         self._head_buf: bytes | bytearray = b""  # every byte fed before the head completed (≤ max_head)
         self._url = b""
@@ -118,6 +118,7 @@ class RequestParser:
         self._error: FramingError | None = None
         self._body_fed = 0  # bytes fed after the head (chunked overhead accounting)
         self._chunks = 0
+        self._lines: _ChunkLines | None = None  # a chunked body's size lines, once the head is in
         self.head: RequestHead | None = None
         self.body: list[bytes] = []
         self.body_received = 0
@@ -129,6 +130,14 @@ class RequestParser:
     def feed(self, data: bytes) -> int:
         """Feed ``data``; returns how many bytes belong to this message. The rest
         (when :attr:`complete`) is the next message, or raw bytes after an upgrade."""
+        used = self._feed_all(data)
+        if self.complete:
+            # llhttp holds our bound callbacks and we hold it: a reference cycle that only
+            # the garbage collector would free. Done with it, so the cycle goes now.
+            self._parser = None
+        return used
+
+    def _feed_all(self, data: bytes) -> int:
         pos, n = 0, len(data)
         if not self.started and n:
             self.started = True
@@ -186,6 +195,8 @@ class RequestParser:
                 elif not self.complete:  # the head ended here; what follows is body
                     self._body_fed = 0
                 self._check_chunk_overhead()
+                if head is not None and head.chunked:
+                    self._chunk_lines(data, pos, end)
             pos = end
         return pos
 
@@ -231,7 +242,15 @@ class RequestParser:
             upgraded = self._feed(rest, False)
             assert upgraded is None
             self._check_chunk_overhead()
+            if head.chunked:
+                self._chunk_lines(bytes(rest), 0, len(rest))
         return None
+
+    def _chunk_lines(self, data: bytes, pos: int, end: int) -> None:
+        lines = self._lines
+        if lines is None:
+            lines = self._lines = _ChunkLines()
+        lines.feed(data, pos, end)
 
     def _check_chunk_overhead(self) -> None:
         """httptools does not expose chunk extensions: bound them by what llhttp consumed
@@ -348,6 +367,60 @@ class RequestParser:
 
     def on_message_complete(self) -> None:
         self.complete = True
+
+
+_HEX = frozenset(b"0123456789abcdefABCDEF")
+MAX_CHUNK_SIZE_DIGITS = 16
+_SIZE, _LINE, _DATA, _DATA_END, _LAST = range(5)
+
+
+class _ChunkLines:
+    """Walks a chunked body beside llhttp, over bytes llhttp has just accepted (so the
+    structure is valid), to hold each chunk-size line to the SPEC: at most 16 hex digits
+    (llhttp refuses only a value that overflows; leading zeros could make a size of any
+    length) and at most 1 KiB of extensions over the whole body (httptools does not
+    report extensions, and the overhead bound alone leaves slack on every chunk)."""
+
+    __slots__ = ("_state", "_digits", "_size", "_left", "_ext")
+
+    def __init__(self) -> None:
+        self._state, self._digits, self._size, self._left, self._ext = _SIZE, 0, 0, 0, 0
+
+    def feed(self, data: bytes, i: int, end: int) -> None:
+        while i < end:
+            state = self._state
+            if state == _SIZE:
+                j = i
+                while j < end and data[j] in _HEX:
+                    j += 1
+                if j > i:
+                    self._digits += j - i
+                    if self._digits > MAX_CHUNK_SIZE_DIGITS:
+                        raise FramingError("invalid chunk size")
+                    self._size = (self._size << 4 * (j - i)) | int(data[i:j], 16)
+                if j < end:
+                    self._state = _LINE  # extensions, then CRLF
+                i = j
+            elif state == _LINE:
+                k = data.find(b"\n", i, end)
+                self._ext += (end if k == -1 else k - 1) - i  # not counting the CRLF
+                if self._ext > CHUNK_EXTENSIONS_BUDGET:
+                    raise FramingError("chunk extensions too long")
+                if k == -1:
+                    return
+                i = k + 1
+                self._state, self._left = (_DATA, self._size) if self._size else (_LAST, 0)
+            elif state == _DATA or state == _DATA_END:
+                step = min(self._left, end - i)
+                i += step
+                self._left -= step
+                if not self._left:
+                    if state == _DATA:
+                        self._state, self._left = _DATA_END, 2  # the CRLF after the data
+                    else:
+                        self._state, self._digits, self._size = _SIZE, 0, 0
+            else:  # the last chunk: trailers are llhttp's (and the overhead bound's)
+                return
 
 
 class _BodyOnly:

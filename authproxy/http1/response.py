@@ -53,7 +53,8 @@ class ResponseParser:
     only, the body (``parser.feed_data``); a second message is refused."""
 
     __slots__ = ("label", "parser", "body", "_tail", "_head_len", "_reason", "_pairs", "cl", "cl_count",
-                 "te_count", "_messages", "conn_tokens", "head_done", "msg_done", "keep_alive", "error")  # fmt: skip
+                 "te_count", "_messages", "conn_tokens", "head_done", "msg_done", "keep_alive", "error",
+                 "status", "version")  # fmt: skip
 
     def __init__(self, label: str) -> None:
         self.label = label
@@ -69,14 +70,14 @@ class ResponseParser:
         self.head_done = self.msg_done = False
         self.keep_alive = False  # llhttp's verdict, taken at headers-complete (it resets after the message)
         self.error: ResponseFramingError | None = None
+        self.status = 0  # these two are llhttp's, taken at headers-complete
+        self.version = ""
 
-    @property
-    def status(self) -> int:
-        return self.parser.get_status_code()
-
-    @property
-    def version(self) -> str:
-        return self.parser.get_http_version()
+    def close(self) -> None:
+        """Drop llhttp once it is no longer fed: it holds our bound callbacks and we hold
+        it, a reference cycle that only the garbage collector would otherwise free."""
+        self.parser = None
+        self.body = None
 
     @property
     def reason(self) -> str:
@@ -158,7 +159,10 @@ class ResponseParser:
     def on_headers_complete(self) -> None:
         if self.cl_count and self.te_count:
             raise self.refuse("both Content-Length and Transfer-Encoding")
-        self.keep_alive = self.parser.should_keep_alive()
+        parser = self.parser
+        self.keep_alive = parser.should_keep_alive()
+        self.status = parser.get_status_code()
+        self.version = parser.get_http_version()
         self.head_done = True
 
     def on_body(self, data: bytes) -> None:
