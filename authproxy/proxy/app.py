@@ -236,6 +236,7 @@ class ProxyServer:
         decision: str | None = None
         upstream_status: int | None = None
         scrubbed = 0
+        credential: str | None = None
         try:
             if raw.startswith("/-/"):
                 status = await self._reserved(ex, raw)
@@ -262,9 +263,12 @@ class ProxyServer:
                 rt = fwd.rt
                 rt.enter()
                 try:
-                    upstream_status, scrubbed = await fwd.forward(ex, rest, query, rid)
+                    done = await fwd.forward(ex, rest, query, rid)
                 finally:
                     rt.leave()
+                upstream_status, scrubbed, credential = done.upstream_status, done.scrubbed, done.credential
+                if done.replayed:
+                    decision = "replayed"
                 status = ex.status or 502
         except ProxyError as e:
             service = service or e.service
@@ -291,7 +295,7 @@ class ProxyServer:
                 else:
                     decision = "client_closed" if isinstance(exc, ConnectionError) else "internal_error" if isinstance(exc, Exception) else "aborted"
             access_log.record(
-                AccessRecord(rid, ex.peer, ex.method, masker(raw), service, status, elapsed, key, decision, upstream_status, ex.bytes_in, ex.bytes_out, None, scrubbed)
+                AccessRecord(rid, ex.peer, ex.method, masker(raw), service, status, elapsed, key, decision, upstream_status, ex.bytes_in, ex.bytes_out, credential, scrubbed)
             )
             self._inflight -= 1
             if self._inflight == 0:

@@ -28,7 +28,7 @@ from authproxy.http1.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
-from authproxy.observe import log_event
+from authproxy.observe import fingerprint, log_event
 from authproxy.proxy.cookies import scope_set_cookie
 from authproxy.proxy.errors import ProxyError
 from authproxy.proxy.headers import REQUEST_DROP, RESPONSE_DROP, end_to_end
@@ -65,10 +65,14 @@ SCRUB_CACHE_MAX = 256  # scrubbers kept per service (one per credential: the ser
 
 class Forwarded(NamedTuple):
     """What :meth:`Forwarder.forward` did: the upstream's status (None when none was
-    had) and how many secrets were masked in the response (``scrubbed=N``)."""
+    had), how many secrets were masked in the response (``scrubbed=N``), whether the
+    answer came from the one replay after a rejection, and the fingerprint of the
+    credential injected into the answered attempt (never the value)."""
 
     upstream_status: int | None
     scrubbed: int = 0
+    replayed: bool = False
+    credential: str | None = None
 
 
 class Passthrough(Exception):
@@ -198,7 +202,7 @@ class Forwarder:
                     scrubbed = await self._tunnel(ex, resp, cred, scrubber)
                 else:
                     scrubbed = await self._respond(ex, resp, cred, small, rest_stream, request_id, scrubber)
-                return Forwarded(resp.status, scrubbed)
+                return Forwarded(resp.status, scrubbed, attempt > 0, fingerprint(cred.token.reveal()))
             finally:
                 resp.release()
 
