@@ -191,6 +191,9 @@ class Config:
     shutdown_timeout: float
     inbound: InboundConfig
     services: Mapping[str, ServiceConfig] = field(default_factory=dict)
+    # Names of the environment variables a secret is read from (``${VAR}`` in a secret
+    # key's value, file path or command): ``authproxy exec`` removes them from CMD's environment.
+    secret_env: frozenset[str] = field(default=frozenset(), compare=False)
 
 
 # --------------------------------------------------------------------------- parsing helpers
@@ -225,6 +228,7 @@ def parse_upstream(value: str) -> Upstream:
 
 
 _VAR_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_VAR_REF_RE = re.compile(r"(?<!\$)\$\{([A-Za-z_][A-Za-z0-9_]*)")  # ${VAR}, ${VAR:-...}, nested too
 
 
 def interpolate(text: str, env: Mapping[str, str], base_dir: Path) -> str:
@@ -350,6 +354,15 @@ class _Loader:
         self.base_dir = Path(path).resolve().parent if path != "<string>" else Path.cwd()
         self.errors: list[str] = []
         self.service_names: list[str] = []
+        self.secret_env: set[str] = set()
+
+    def note_secret_env(self, node: yaml.Node) -> None:
+        """Remember the variables a secret's value, file path or command refers to."""
+        if isinstance(node, yaml.ScalarNode) and isinstance(node.value, str):
+            self.secret_env.update(_VAR_REF_RE.findall(node.value))
+        for item in node.value if isinstance(node, (yaml.SequenceNode, yaml.MappingNode)) else ():
+            for sub in item if isinstance(item, tuple) else (item,):
+                self.note_secret_env(sub)
 
     # ---- error helpers
     def err(self, node: yaml.Node | None, keypath: str, message: str) -> None:
@@ -371,6 +384,8 @@ class _Loader:
         return value
 
     def convert(self, tp: Any, node: yaml.Node, keypath: str) -> Any:
+        if _strip_optional(tp) is Secret:
+            self.note_secret_env(node)
         origin = typing.get_origin(tp)
         args = typing.get_args(tp)
         if origin in (typing.Union, types.UnionType):
@@ -545,6 +560,7 @@ class _Loader:
     # ---- secrets from files and commands
     def secret_source(self, key: str, vnode: yaml.Node, kp: str) -> Any:
         """The text of a ``k_file`` or ``k_command`` secret, or _INVALID (the error said)."""
+        self.note_secret_env(vnode)
         if key.endswith("_command"):
             if not isinstance(vnode, yaml.SequenceNode) or not vnode.value:
                 self.err(vnode, kp, "expected a list [PROGRAM, ARG...] (run without a shell)")
@@ -594,6 +610,7 @@ class _Loader:
                             continue
                         entries.append((named.name, named.key, item, ikp, named.services))
                         continue
+                    self.note_secret_env(item)
                     value = self.scalar(item, ikp)
                     if value is _INVALID:
                         ok = False
@@ -770,6 +787,7 @@ class _Loader:
             shutdown_timeout=top.shutdown_timeout,
             inbound=inbound,
             services=services,
+            secret_env=frozenset(self.secret_env),
         )
 
 
