@@ -48,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("service", metavar="SERVICE")
     r.add_argument("--seconds", type=int, metavar="N", help="lifetime of the new app token")
     r.add_argument("--expire-old", action="store_true", help="expire the previous app token once the new one has worked")
+    x = cfg(sub.add_parser("exec", help="run CMD with its HTTP clients routed through authproxy (forward-proxy mode)"))
+    x.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]", help="the command to run and its arguments")
+    cfg(sub.add_parser("ca", help="print the path of authproxy's CA certificate, creating the CA if needed"))
     d = sub.add_parser("demo", help="run built-in mock upstreams and a proxy in front of them")
     d.add_argument("--once", action="store_true", help="run the tour, print it, exit")
     d.add_argument("--listen", default=None, metavar="HOST:PORT", help="proxy address (default 127.0.0.1:8080; with --once a free port)")
@@ -73,10 +76,16 @@ def _dispatch(args: argparse.Namespace) -> int:
         from authproxy.demo import run_demo
 
         return run_demo(once=args.once, listen=args.listen)
+    if args.command == "exec":
+        args.cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+        if not args.cmd:
+            raise UsageError("exec: no command given (authproxy exec [-c FILE] -- CMD [ARG...])")
     path = config_path(args.config)
     config = load_config(path)
     if args.command == "check":
         return _check(config)
+    if args.command in ("exec", "ca"):
+        return _exec_or_ca(config, args.command, args.cmd if args.command == "exec" else [])
     setup_logging(config.log.level, config.log.format)
     set_log_redactor(Redactor(collect_secrets(config)))  # every log line of token/login/logout/rotate too
     if args.command == "run":
@@ -102,6 +111,22 @@ def _run_async(coro: Awaitable[int]) -> int:
         return uvloop.run(coro)  # type: ignore[arg-type]
     except ImportError:
         return asyncio.run(coro)  # type: ignore[arg-type]
+
+
+def _exec_or_ca(config: Config, command: str, cmd: list[str]) -> int:
+    from authproxy.exec import exec_log_level, load_ca, run_exec
+    from authproxy.state import StateError
+
+    if command == "exec":
+        setup_logging(exec_log_level(config), config.log.format)  # CMD's output is not drowned
+        set_log_redactor(Redactor(collect_secrets(config)))
+        return _run_async(run_exec(config, cmd))
+    try:
+        print(load_ca(config).cert_path)
+    except (OSError, ValueError, StateError) as e:
+        print(f"authproxy: cannot use the CA: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
+        return EXIT_FAIL
+    return EXIT_OK
 
 
 def _service(config: Config, name: str) -> str:
