@@ -26,6 +26,7 @@ from authproxy.observe import Metrics, log_event
 from authproxy.schemes.base import Credential, CredentialError, LoginRequired, Scheme, UpstreamReply
 from authproxy.secret import Secret, redactor_for
 from authproxy.state import StateError
+from authproxy.tracing import tracing
 
 log = logging.getLogger("authproxy.credentials")
 
@@ -189,7 +190,10 @@ class ServiceCredentials:
         old = self._cache.get(key)
         started = self.clock()
         try:
-            cred = await self.scheme.obtain(key)
+            if tracing.enabled:  # an INTERNAL span, a child of the request that caused the fetch
+                cred = await tracing.credential_fetch(self.scheme.obtain(key), self.name, type(self.scheme).__name__)
+            else:
+                cred = await self.scheme.obtain(key)
         except UpstreamReply:
             self._count("error")
             raise

@@ -36,6 +36,7 @@ from authproxy.proxy.routing import Router
 from authproxy.runtime import ServiceRuntime
 from authproxy.secret import CALLBACK_PARAMS, Redactor, UrlMasker, collect_secrets
 from authproxy.state import StateDir
+from authproxy.tracing import tracing
 
 log = logging.getLogger("authproxy.proxy")
 
@@ -67,6 +68,7 @@ class ProxyServer:
         # Request ids: a random per-process prefix and a counter — unique, and no syscall per request.
         self._rid_prefix = os.urandom(5).hex() + "-"
         self._rid_counter = itertools.count(1)
+        self._traced = False  # holds a reference to the process's tracing (OpenTelemetry)
 
     # ------------------------------------------------------------------ building
     def _build(self, config: Config, keep: dict[str, ServiceRuntime]) -> dict[str, ServiceRuntime]:
@@ -93,6 +95,7 @@ class ProxyServer:
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
+        self._traced = self._traced or tracing.setup()
         self._install(self.config, self._build(self.config, {}))
         access_log.open_audit(self.config.log.audit_file)
         _, open_files = raise_nofile_limit()
@@ -218,6 +221,9 @@ class ProxyServer:
         if self.config.listen.kind == "unix":
             with contextlib.suppress(OSError):
                 os.unlink(self.config.listen.path)
+        if self._traced:
+            self._traced = False
+            await tracing.shutdown()  # the spans not yet exported, bounded
         log_event(log, logging.INFO, "stopped")
         access_log.flush()
 
@@ -237,6 +243,7 @@ class ProxyServer:
         upstream_status: int | None = None
         scrubbed = 0
         credential: str | None = None
+        span = tracing.start_request(ex) if tracing.enabled else None
         try:
             if raw.startswith("/-/"):
                 status = await self._reserved(ex, raw)
@@ -294,9 +301,12 @@ class ProxyServer:
                     decision = "local" if raw.startswith("/-/") else "forwarded"
                 else:
                     decision = "client_closed" if isinstance(exc, ConnectionError) else "internal_error" if isinstance(exc, Exception) else "aborted"
+            logged = masker(raw)
             access_log.record(
-                AccessRecord(rid, ex.peer, ex.method, masker(raw), service, status, elapsed, key, decision, upstream_status, ex.bytes_in, ex.bytes_out, credential, scrubbed)
+                AccessRecord(rid, ex.peer, ex.method, logged, service, status, elapsed, key, decision, upstream_status, ex.bytes_in, ex.bytes_out, credential, scrubbed)
             )
+            if span is not None:
+                tracing.end_request(span, ex.method, logged, status, service, decision, rid, self.config)
             self._inflight -= 1
             if self._inflight == 0:
                 self._idle.set()

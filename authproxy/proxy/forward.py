@@ -35,6 +35,7 @@ from authproxy.proxy.headers import REQUEST_DROP, RESPONSE_DROP, end_to_end
 from authproxy.proxy.scrub import Scrubber, injected_values, is_compressed
 from authproxy.schemes.base import Credential, Forbidden, Outgoing, Scheme, UpstreamReply
 from authproxy.secret import SECRET_PARAMS
+from authproxy.tracing import tracing
 
 if TYPE_CHECKING:
     from authproxy.http1.pool import Response
@@ -178,7 +179,10 @@ class Forwarder:
             self.scheme.apply(out, cred)
             scrubber = self._scrubber(cred, out) if self.scrub else None
             target = f"{out.path}?{out.query}" if out.query else out.path
-            resp = await self._send(method, target, out, stream, length)
+            if tracing.enabled:  # a CLIENT span; its traceparent goes upstream
+                resp = await tracing.upstream_attempt(self._send, name, self.upstream, attempt + 1, method, target, out, stream, length)
+            else:
+                resp = await self._send(method, target, out, stream, length)
             try:
                 small: bytes | None = None
                 rest_stream: AsyncIterator[bytes] | None = None
