@@ -65,9 +65,8 @@ class Tracing:
     :meth:`setup` turns it on for the process, shared by every proxy server in it
     (tests run several): the last :meth:`shutdown` flushes and stops the exporter."""
 
-    enabled = False
-
     def __init__(self) -> None:
+        self.enabled = False  # an instance attribute: the cheapest lookup for the hot-path check
         self._users = 0
         self._provider: Any = None
         self._tracer: Any = None
