@@ -155,6 +155,16 @@ class ServiceConfig:
     # SIGHUP keeps the service's credentials.
     allow: Policy | None = field(default=None, compare=False)
     scrub_responses: bool = True  # injected secrets masked in responses (authproxy.proxy.scrub)
+    hosts: tuple[str, ...] = field(default=(), compare=False)  # forward-proxy mode: lower-case host names that are this service's
+
+
+@dataclass(frozen=True)
+class ForwardProxyConfig:
+    """Forward-proxy mode (CONNECT and absolute-form requests on the same listener)."""
+
+    enabled: bool = False
+    unmapped: Literal["refuse", "tunnel"] = "refuse"  # a host no service names: 403, or a blind relay
+    ca_dir: str | None = None  # None: <state_dir>/ca (authproxy.proxy.ca.default_ca_dir)
 
 
 @dataclass(frozen=True)
@@ -194,6 +204,7 @@ class Config:
     # Names of the environment variables a secret is read from (``${VAR}`` in a secret
     # key's value, file path or command): ``authproxy exec`` removes them from CMD's environment.
     secret_env: frozenset[str] = field(default=frozenset(), compare=False)
+    forward_proxy: ForwardProxyConfig = field(default_factory=ForwardProxyConfig)
 
 
 # --------------------------------------------------------------------------- parsing helpers
@@ -694,6 +705,7 @@ class _Loader:
             return _INVALID
         out: dict[str, ServiceConfig] = {}
         prefixes: dict[str, str] = {}
+        hosts: dict[str, str] = {}  # forward-proxy host name → service
         for knode, vnode in node.value:
             name = knode.value if isinstance(knode, yaml.ScalarNode) else None
             kp = f"services.{name}"
@@ -727,9 +739,15 @@ class _Loader:
             if prefix in prefixes:
                 self.err(_child(vnode, "prefix") or vnode, f"{kp}.prefix", f"{prefix} is already the prefix of service {prefixes[prefix]}")
                 continue
-            if auth is _INVALID or upstream is None:
+            taken = [(i, h) for i, h in enumerate(svc.hosts) if h in hosts]
+            for i, h in taken:
+                seq = _child(vnode, "hosts")
+                where = seq.value[i] if isinstance(seq, yaml.SequenceNode) and i < len(seq.value) else vnode
+                self.err(where, f"{kp}.hosts[{i}]", f"{h} is already a host of service {hosts[h]}")
+            if auth is _INVALID or upstream is None or taken:
                 continue
             prefixes[prefix] = name
+            hosts.update((h, name) for h in svc.hosts)
             out[name] = ServiceConfig(
                 name=name,
                 upstream=upstream,
@@ -741,6 +759,7 @@ class _Loader:
                 auth=auth,
                 allow=svc.policy(),
                 scrub_responses=svc.scrub_responses,
+                hosts=svc.hosts,
             )
         return out
 
@@ -779,6 +798,9 @@ class _Loader:
             state_dir = DEFAULT_STATE_DIR
         if top.shutdown_timeout < 0:
             raise ConfigError([f"{self.path}{_line(_child(root, 'shutdown_timeout'))}: shutdown_timeout: must not be negative"])
+        fwd = top.forward_proxy
+        if fwd.ca_dir:
+            fwd = dataclasses.replace(fwd, ca_dir=str(resolve_path(fwd.ca_dir, self.base_dir)))
         return Config(
             path=self.path,
             listen=listen,
@@ -788,6 +810,7 @@ class _Loader:
             inbound=inbound,
             services=services,
             secret_env=frozenset(self.secret_env),
+            forward_proxy=fwd,
         )
 
 
@@ -798,6 +821,7 @@ class _TopSection:
     log: LogConfig = field(default_factory=LogConfig)
     shutdown_timeout: float = 10.0
     inbound: InboundConfig = field(default_factory=InboundConfig)
+    forward_proxy: ForwardProxyConfig = field(default_factory=ForwardProxyConfig)
 
 
 @dataclass(frozen=True)
@@ -841,10 +865,18 @@ class _ServiceSection:
     max_replay_body: int = 1048576
     allow: tuple[_AllowRule, ...] | None = None
     scrub_responses: bool = True
+    hosts: tuple[str, ...] = ()  # forward-proxy mode; exact names, case-insensitive
 
     def check(self) -> None:
         if self.max_replay_body < 0:
             raise FieldError("max_replay_body", "must not be negative")
+        names = tuple(h.strip().lower().rstrip(".") for h in self.hosts)
+        for i, h in enumerate(names):
+            if not _HOST_RE.fullmatch(h) and not _is_ip(h):
+                raise FieldError("hosts", "expected a host name (e.g. api.github.com) or an IP address, without port or scheme", i)
+            if h in names[:i]:
+                raise FieldError("hosts", f"{h} is listed twice", i)
+        object.__setattr__(self, "hosts", names)
         if self.allow is not None and not self.allow:
             raise FieldError("allow", "an empty list would refuse every request (leave allow out to allow every request)")
 
@@ -852,6 +884,17 @@ class _ServiceSection:
         if self.allow is None:
             return None
         return Policy(tuple(r.compiled for r in self.allow if r.compiled is not None))
+
+
+_HOST_RE = re.compile(r"(?=.{1,253}\Z)[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?)*")
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 class _Invalid:

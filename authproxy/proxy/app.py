@@ -29,6 +29,7 @@ from authproxy.http1.listener import raise_nofile_limit
 from authproxy.http1.server import Exchange, Server, ServerLimits
 from authproxy.proxy.errors import ProxyError, error_parts, reason
 from authproxy.proxy.forward import Forwarder, Passthrough
+from authproxy.proxy.forward_proxy import ForwardProxy, Via
 from authproxy.proxy.headers import RESPONSE_DROP
 from authproxy.proxy.guard import Guard
 from authproxy.proxy.policy import Policy
@@ -54,6 +55,7 @@ class ProxyServer:
         self.router: Router[Forwarder] = Router([])
         self.guard = Guard(config.inbound, config.listen)
         self.policies: dict[str, Policy] = {}  # services with allow rules (compiled at config load)
+        self.forward_proxy: ForwardProxy | None = None  # CONNECT and absolute-form requests (built at config load)
         self._server: Server | None = None
         self._inflight = 0
         self._idle = asyncio.Event()
@@ -85,6 +87,8 @@ class ProxyServer:
         self.router = Router((f.prefix, f) for f in self.forwarders.values())
         self.guard = Guard(config.inbound, config.listen)
         self.policies = {n: svc.allow for n, svc in config.services.items() if svc.allow is not None}
+        own = lambda: self._server.addresses() if self._server is not None else ()  # noqa: E731
+        self.forward_proxy = ForwardProxy(config, self.forwarders, self.guard, self.handle, own, self.forward_proxy)
         # One redactor for every service's secrets: a secret of service A in a request
         # to service B (or in any log line) is still a leak.
         everyone = Redactor(collect_secrets(config))
@@ -228,7 +232,9 @@ class ProxyServer:
         access_log.flush()
 
     # ------------------------------------------------------------------ the request pipeline
-    async def handle(self, ex: Exchange) -> None:
+    async def handle(self, ex: Exchange, via: Via | None = None) -> None:
+        """One request. ``via``: a request inside a CONNECT tunnel that forward-proxy
+        mode intercepted (its service is the CONNECT's target's, not a prefix's)."""
         started = time.perf_counter()
         self._inflight += 1
         self._idle.clear()
@@ -245,21 +251,32 @@ class ProxyServer:
         credential: str | None = None
         span = tracing.start_request(ex) if tracing.enabled else None
         try:
-            if raw.startswith("/-/"):
+            if via is None and raw.startswith("/-/"):
                 status = await self._reserved(ex, raw)
             else:
                 guard = self.guard
                 headers = ex.headers
-                guard.check_method(ex.method)
-                Guard.check_target(raw)
-                guard.check_host(headers)
-                guard.check_origin(headers)
-                key = guard.check_key(headers)
-                path, _, query = raw.partition("?")
-                match = self.router.match(path)
-                if match is None:
-                    raise ProxyError("no_route", "no service is configured for this path")
-                fwd, rest = match
+                fp = self.forward_proxy
+                direct = fp is not None and fp.wants(ex, via)
+                if direct:  # forward-proxy mode: no Host rule, the key as Proxy-Authorization (407), route by host
+                    key = fp.admit(ex, via)  # type: ignore[union-attr]
+                    hop = await fp.route(ex, via, key)  # type: ignore[union-attr]
+                    service = hop.service
+                    if hop.fwd is None:  # a CONNECT or an unmapped target's tunnel, answered there
+                        status, decision = hop.status, hop.decision
+                        return
+                    fwd, rest, query = hop.fwd, hop.rest, hop.query
+                else:
+                    guard.check_method(ex.method)
+                    Guard.check_target(raw)
+                    guard.check_host(headers)
+                    guard.check_origin(headers)
+                    key = guard.check_key(headers)
+                    path, _, query = raw.partition("?")
+                    match = self.router.match(path)
+                    if match is None:
+                        raise ProxyError("no_route", "no service is configured for this path")
+                    fwd, rest = match
                 service = fwd.name
                 # Least privilege, before the forwarder asks for (or waits on) a credential.
                 if key is not None:
@@ -270,12 +287,11 @@ class ProxyServer:
                 rt = fwd.rt
                 rt.enter()
                 try:
-                    done = await fwd.forward(ex, rest, query, rid)
+                    done = await fwd.forward(ex, rest, query, rid, direct)
                 finally:
                     rt.leave()
                 upstream_status, scrubbed, credential = done.upstream_status, done.scrubbed, done.credential
-                if done.replayed:
-                    decision = "replayed"
+                decision = "replayed" if done.replayed else "forwarded"
                 status = ex.status or 502
         except ProxyError as e:
             service = service or e.service

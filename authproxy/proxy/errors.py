@@ -37,7 +37,9 @@ def error_parts(err: ProxyError) -> tuple[int, list[tuple[str, str]], bytes]:
     headers = [("Content-Type", "application/json"), ("X-Authproxy-Error", err.code), ("Cache-Control", "no-store")]
     if err.retry_after is not None:
         headers.append(("Retry-After", str(max(1, int(err.retry_after + 0.999)))))
-    if err.code == "inbound_key_required":
+    if err.status == 407:  # a forward-proxy request: the key goes in Proxy-Authorization
+        headers.append(("Proxy-Authenticate", 'Basic realm="authproxy"'))
+    elif err.code == "inbound_key_required":
         headers.append(("WWW-Authenticate", 'X-Authproxy-Key realm="authproxy"'))
     body = json.dumps({"error": err.code, "message": err.message, "service": err.service}).encode()
     return err.status, headers, body

@@ -143,8 +143,10 @@ class Forwarder:
         return None, _stream(ex, parts), False
 
     # ------------------------------------------------------------------ the exchange
-    async def forward(self, ex: "Exchange", rest: str, query: str, request_id: str) -> Forwarded:
-        """Forward and answer; returns the upstream's status and the scrub count."""
+    async def forward(self, ex: "Exchange", rest: str, query: str, request_id: str, direct: bool = False) -> Forwarded:
+        """Forward and answer; returns the upstream's status and the scrub count.
+        ``direct``: a forward-proxy request (the client addresses the upstream's own
+        paths, so ``Location`` and ``Set-Cookie`` keep them)."""
         name = self.name
         key = None
         if self.wants_key:
@@ -203,18 +205,18 @@ class Forwarder:
                                 pass
                         continue
                 if resp.upgraded and websocket:
-                    scrubbed = await self._tunnel(ex, resp, cred, scrubber)
+                    scrubbed = await self._tunnel(ex, resp, cred, scrubber, direct)
                 else:
-                    scrubbed = await self._respond(ex, resp, cred, small, rest_stream, request_id, scrubber)
+                    scrubbed = await self._respond(ex, resp, cred, small, rest_stream, request_id, scrubber, direct)
                 return Forwarded(resp.status, scrubbed, attempt > 0, fingerprint(cred.token.reveal()))
             finally:
                 resp.release()
 
-    async def _tunnel(self, ex: "Exchange", resp: "Response", cred: Credential, scrubber: Scrubber | None) -> int:
+    async def _tunnel(self, ex: "Exchange", resp: "Response", cred: Credential, scrubber: Scrubber | None, direct: bool = False) -> int:
         """After the upstream's ``101``: the handshake's reply goes to the client, then
         bytes are relayed both ways untouched until either side closes (no idle
         timeout: a quiet WebSocket is not a dead one)."""
-        headers, scrubbed = self._response_headers(resp, cred, scrubber)
+        headers, scrubbed = self._response_headers(resp, cred, scrubber, direct)
         headers.append(("Upgrade", resp.headers.get("Upgrade", "websocket")))
         await ex.respond(101, resp.reason, headers)
         up_transport, up_stream = resp.takeover()
@@ -326,24 +328,25 @@ class Forwarder:
 
     # ------------------------------------------------------------------ response side
     def _response_headers(
-        self, resp: "Response", cred: Credential, scrubber: Scrubber | None
+        self, resp: "Response", cred: Credential, scrubber: Scrubber | None, direct: bool = False
     ) -> tuple[list[tuple[str, str]], int]:
         out: list[tuple[str, str]] = []
         for k, v in end_to_end(resp.headers, RESPONSE_DROP).items():
             lk = k.lower()
             if lk == "location":
-                v = self.rewrite_location(v, cred)
-            elif lk == "set-cookie":
+                v = self.rewrite_location(v, cred, direct)
+            elif lk == "set-cookie" and not direct:
                 v = scope_set_cookie(v, self.prefix, self.base_path)
             out.append((k, v))
         if scrubber is None:
             return out, 0
         return scrubber.headers(out)
 
-    def rewrite_location(self, location: str, cred: Credential | None) -> str:
+    def rewrite_location(self, location: str, cred: Credential | None, direct: bool = False) -> str:
         """A redirect into the upstream's base path is pointed back at the proxy's prefix
         (never followed: following would carry the credential wherever it points), and
-        any credential in it is removed. Other locations are left alone."""
+        any credential in it is removed. Other locations are left alone. ``direct``
+        (forward-proxy mode): only the credential is removed."""
         try:
             u = URL(location, encoded=True)
         except ValueError:
@@ -360,6 +363,8 @@ class Forwarder:
             return location
         tail = path[len(base):]
         new_path = (self.prefix.rstrip("/") + tail) or "/"
+        if direct:
+            new_path = location.partition("#")[0].partition("?")[0]
         query = u.raw_query_string
         if query:
             values = frozenset({cred.token.reveal()}) if cred is not None else frozenset()
@@ -376,9 +381,10 @@ class Forwarder:
         rest_stream: AsyncIterator[bytes] | None,
         request_id: str,
         scrubber: Scrubber | None,
+        direct: bool = False,
     ) -> int:
         """Send the upstream's reply; returns how many secrets were masked in it."""
-        headers, scrubbed = self._response_headers(resp, cred, scrubber)
+        headers, scrubbed = self._response_headers(resp, cred, scrubber, direct)
         if "X-Request-Id" not in resp.headers:
             headers.append(("X-Request-Id", request_id))
         length = resp.content_length

@@ -9,6 +9,7 @@ may use.
 
 from __future__ import annotations
 
+import base64
 import hmac
 import re
 from typing import Mapping
@@ -105,14 +106,46 @@ class Guard:
             return None
         given = headers.get(KEY_HEADER)
         if given is not None:
-            raw = given.encode("utf-8", "surrogateescape")
-            found: str | None = None
-            for name, key in self._keys:  # compare with every key, in constant time each
-                if hmac.compare_digest(raw, key) and found is None:
-                    found = name
+            found = self._key_named(given.encode("utf-8", "surrogateescape"))
             if found is not None:
                 return found
         raise ProxyError("inbound_key_required", f"this proxy requires a valid {KEY_HEADER} header")
+
+    def _key_named(self, raw: bytes) -> str | None:
+        found: str | None = None
+        for name, key in self._keys:  # compare with every key, in constant time each
+            if hmac.compare_digest(raw, key) and found is None:
+                found = name
+        return found
+
+    def check_proxy_key(self, headers: Mapping[str, str]) -> str | None:
+        """Forward-proxy requests: the key as ``Proxy-Authorization: Basic
+        base64(ANY-NAME:KEY)`` (``HTTPS_PROXY=http://name:KEY@host:port``) or
+        ``X-Authproxy-Key``; without a valid one, 407 ``inbound_key_required``."""
+        if not self._keys:
+            return None
+        auth = headers.get("Proxy-Authorization")
+        if auth is not None:
+            kind, _, b64 = auth.strip().partition(" ")
+            if kind.lower() == "basic":
+                try:
+                    _, sep, key = base64.b64decode(b64.strip(), validate=True).partition(b":")
+                except ValueError:
+                    sep = key = b""
+                found = self._key_named(key) if sep else None
+                if found is not None:
+                    return found
+        given = headers.get(KEY_HEADER)
+        if given is not None:
+            found = self._key_named(given.encode("utf-8", "surrogateescape"))
+            if found is not None:
+                return found
+        raise ProxyError("inbound_key_required", "this proxy requires a valid key in Proxy-Authorization (http://NAME:KEY@host:port)", status=407)
+
+    def key_still_valid(self, name: str | None) -> bool:
+        """A key name admitted earlier (a CONNECT's, for the requests inside its tunnel)
+        still names a configured key (keys may change on SIGHUP)."""
+        return not self._keys or name in self._key_services
 
     def check_key_service(self, key: str | None, service: str, method: str, path: str) -> None:
         """``not_allowed`` when a named key's ``services`` leave out this service."""
