@@ -107,10 +107,13 @@ def _dispatch(args: argparse.Namespace) -> int:
 def _run_async(coro: Awaitable[int]) -> int:
     try:
         import uvloop  # the optional 'speed' extra
-
-        return uvloop.run(coro)  # type: ignore[arg-type]
     except ImportError:
+        uvloop = None  # type: ignore[assignment]
+    # Not inside the except block: the loop would run with the ImportError as the
+    # exception being handled, and sys.exc_info() in any coroutine would return it.
+    if uvloop is None:
         return asyncio.run(coro)  # type: ignore[arg-type]
+    return uvloop.run(coro)  # type: ignore[arg-type]
 
 
 def _exec_or_ca(config: Config, command: str, cmd: list[str]) -> int:
