@@ -54,6 +54,18 @@ def test_every_form_is_masked_with_its_own_length() -> None:
     assert out == stars(lower_plus) and n == 1
 
 
+def test_a_secret_with_short_unreserved_runs_is_looked_for_in_every_form() -> None:
+    value = secret("ab/cd+ef gh=")
+    s = Scrubber([value])
+    assert set(s._needles) == set(s._forms) and len(s._forms) > 3
+    for form in (value, quote(value, safe=""), quote(value, safe="").lower(), quote_plus(value, safe=""), quote(value)):
+        data = b"<" + form.encode() + b">"
+        assert s.body(data) == (b"<" + stars(form) + b">", 1), form
+        for cut in range(len(data) + 1):
+            assert through(s, data, [cut])[:2] == (b"<" + stars(form) + b">", 1), (form, cut)
+    assert Scrubber([TOKEN])._needles == (b"scrub-T0ken",)  # one needle stands for every form
+
+
 def test_nothing_to_mask_returns_the_same_object() -> None:
     s = Scrubber([TOKEN])
     body = b"x" * 100_000
@@ -156,7 +168,7 @@ def test_content_encoding() -> None:
 
 @pytest.fixture
 def results(monkeypatch: pytest.MonkeyPatch) -> list[Forwarded]:
-    """What each Forwarder.forward returned (upstream status, scrubbed count)."""
+    """What each Forwarder.forward returned (its first two fields: upstream status, scrubbed count)."""
     got: list[Forwarded] = []
     original = Forwarder.forward
 
@@ -206,7 +218,7 @@ async def test_headers_location_and_small_body(upstream: Any, proxy: Any, result
         assert int(r.headers["Content-Length"]) == len(body)
     assert json.loads(body) == {"you_sent": STARS, "again": "*" * len(enc)}
     await wait_for(lambda: results)
-    assert results == [Forwarded(302, 5)]
+    assert [r[:2] for r in results] == [(302, 5)]
 
 
 async def test_location_under_the_base_path_is_rewritten_and_scrubbed(upstream: Any, proxy: Any) -> None:
@@ -260,7 +272,7 @@ async def test_chunked_body_split_inside_the_secret(proxy: Any, results: list[Fo
             rest = await asyncio.wait_for(r.content.read(), 10)
         assert got + rest == b"hello " + stars(raw) + b" bye " + stars(raw)
         await wait_for(lambda: results)
-        assert results == [Forwarded(200, 2)]
+        assert [r[:2] for r in results] == [(200, 2)]
     finally:
         server.close()
 
@@ -319,7 +331,7 @@ async def test_large_body_with_content_length_keeps_its_length(upstream: Any, pr
         got = await r.read()
     assert got == body.replace(raw, stars(raw)) and len(got) == len(body)
     await wait_for(lambda: results)
-    assert results == [Forwarded(200, 400)]
+    assert [r[:2] for r in results] == [(200, 400)]
 
 
 async def test_gzip_passes_byte_for_byte_and_scrubbing_can_be_off(upstream: Any, proxy: Any, results: list[Forwarded]) -> None:
@@ -342,7 +354,7 @@ async def test_gzip_passes_byte_for_byte_and_scrubbing_can_be_off(upstream: Any,
     async with p.request("GET", "/on/x") as r:
         assert await r.text() == f"plain {STARS}" and r.headers["X-Echo"] == STARS
     await wait_for(lambda: len(results) == 3)
-    assert results == [Forwarded(200, 0), Forwarded(200, 0), Forwarded(200, 2)]
+    assert [r[:2] for r in results] == [(200, 0), (200, 0), (200, 2)]
 
 
 async def test_fogbugz_and_app_token_secrets(upstream: Any, proxy: Any) -> None:

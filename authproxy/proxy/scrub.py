@@ -9,10 +9,11 @@ any of these forms in a response header value or an uncompressed body becomes as
 many ``*`` as it had bytes, so lengths and framing never change.
 
 Cost: a body or header block that holds no secret is checked with one
-``bytes in`` / ``str in`` per form (CPython's two-way/Horspool search skips
-about a needle's length per step: several GB/s) and passed on as the same
-object. Only where a form is found is the masking (overlapping occurrences
-included) done, and that is rare. A streamed body (:class:`BodyStream`) holds
+``bytes in`` / ``str in`` per secret (its longest run of unreserved characters,
+which all its forms share; every form when that run is short) and passed on as
+the same object. CPython's search runs at about 5 GB/s; a compiled regex
+alternation of the forms was 5-100x slower (bench/scrub_micro.py). Only where a
+needle is found is the masking (overlapping occurrences included) done. A streamed body (:class:`BodyStream`) holds
 back only the tail of a piece that is the beginning of some form (at most the
 longest form minus one byte), so an SSE event whose end cannot begin a secret
 is passed on whole at once.
@@ -27,6 +28,8 @@ from urllib.parse import quote, quote_plus
 from authproxy.secret import MIN_SECRET
 
 _PCT = re.compile(r"%[0-9A-F]{2}")
+_UNRESERVED_RUN = re.compile(rb"[A-Za-z0-9._~-]+")  # left alone by every encoding: in every form
+MIN_NEEDLE = 8  # a run at least this long stands for all of a secret's forms in the first check
 _AUTH_HEADERS = ("authorization", "proxy-authorization")
 
 
@@ -57,13 +60,22 @@ class Scrubber:
     """Masks a fixed set of secret values. Immutable once built; share it freely
     (a streamed body keeps its own state in :meth:`stream`)."""
 
-    __slots__ = ("_forms", "_strs", "_keep", "_by_first")
+    __slots__ = ("_forms", "_strs", "_needles", "_needle_strs", "_keep", "_by_first")
 
     def __init__(self, values: Iterable[str | None]) -> None:
         found: set[bytes] = set()
+        needles: set[bytes] = set()
         for v in values:
             if v and len(v) >= MIN_SECRET:  # shorter values would mask half of every text
-                found |= forms(v)
+                these = forms(v)
+                found |= these
+                # The first check looks for one needle per secret where it can: its longest
+                # run of unreserved characters, which every form contains unchanged.
+                run = max(_UNRESERVED_RUN.findall(v.encode("utf-8")), key=len, default=b"")
+                needles |= {run} if len(run) >= MIN_NEEDLE or len(these) == 1 else these
+        # A needle inside another needle makes the longer one redundant.
+        self._needles = tuple(n for n in needles if not any(o != n and o in n for o in needles))
+        self._needle_strs = tuple(n.decode("latin-1") for n in self._needles)
         # Longest first: where two forms start at one place, the longer one is masked whole.
         self._forms: tuple[bytes, ...] = tuple(sorted(found, key=lambda f: (-len(f), f)))
         # Header values are latin-1 strings (the engine decodes them so): same bytes, same length.
@@ -87,8 +99,8 @@ class Scrubber:
         strs = self._strs
         if not strs or not pairs:
             return pairs, 0
-        joined = "\n".join([v for _, v in pairs])  # one search per form for the whole block
-        for s in strs:
+        joined = "\n".join([v for _, v in pairs])  # one search per needle for the whole block
+        for s in self._needle_strs:
             if s in joined:
                 break
         else:
@@ -104,7 +116,7 @@ class Scrubber:
     # ------------------------------------------------------------------ bodies
     def body(self, data: bytes) -> tuple[bytes, int]:
         """A whole body: (masked body, count). The same object when it holds no secret."""
-        for f in self._forms:
+        for f in self._needles:
             if f in data:
                 out, n, _ = self._mask(data)
                 return out, n
@@ -192,7 +204,7 @@ class BodyStream:
         buf = carry + chunk if carry else chunk
         k = s.held(buf)
         limit = len(buf) - k
-        for f in s._forms:
+        for f in s._needles:
             if f in buf:
                 out, n, reach = s._mask(buf, self._carry_masked + chunk if carry else None, reach=self._reach, limit=limit)
                 self.count += n
