@@ -273,7 +273,7 @@ class Connection(asyncio.Protocol):
         if status == 101 and not self._upgrade:
             return self._fail_head(p.refuse("a 101 to a request that asked for no upgrade"))
         tokens = p.conn_tokens
-        keep = b"close" not in tokens and (version == "1.1" or b"keep-alive" in tokens)
+        keep = "close" not in tokens and (version == "1.1" or "keep-alive" in tokens)
         chunked = p.te_count > 0
         declared = chunked or bool(p.cl)
         body = self._body = _Body(self)

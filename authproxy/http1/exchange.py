@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Awaitable, Callable, Iterable
 from multidict import CIMultiDict
 
 from .errors import BodyError, ClientDisconnected
-from .framing import RequestHead, response_head
+from .framing import RequestHead, serialize_head
 from .tunnel import RawStream
 
 if TYPE_CHECKING:
@@ -145,41 +145,42 @@ class Exchange:
     # -- response ------------------------------------------------------------------
 
     def _head(self, status: int, reason: str, headers: HeaderList, length: int | None, streaming: bool) -> bytes:
-        if not self._conn.writable:
+        conn = self._conn
+        if conn.mode != "http" or conn.transport.is_closing():
             raise ClientDisconnected("the client connection is closed")
         if self._state != _NONE:
             raise RuntimeError("a response was already started")
-        if 100 <= status < 200 and status != 101:
+        if status < 200 and status >= 100 and status != 101:
             raise ValueError("1xx responses other than 101 are not sent (100 Continue: send_continue)")
         tunnel = status == 101 or (self.method == "CONNECT" and 200 <= status < 300)
-        framing: list[tuple[str, str]] = []
+        framing = ""
         keep_length = False
-        if tunnel or status in (204, 304):
+        if tunnel or status == 204 or status == 304:
             self._framing = ""
         elif self.method == "HEAD":
             self._framing = ""
             if length is not None:
-                framing.append(("Content-Length", str(length)))
+                framing = f"Content-Length: {length}\r\n"
             else:
                 keep_length = not streaming  # respond(): the given Content-Length passes
         elif length is not None:
             self._framing, self._remaining = "length", length
-            framing.append(("Content-Length", str(length)))
+            framing = f"Content-Length: {length}\r\n"
         elif self.version == "1.1":
             self._framing = "chunked"
-            framing.append(("Transfer-Encoding", "chunked"))
+            framing = "Transfer-Encoding: chunked\r\n"
         else:
             self._framing = "close"
-        self._close_after = self._conn.will_close(self, self._framing == "close")
+        self._close_after = close = conn.will_close(self, self._framing == "close")
         if status == 101:
-            framing.append(("Connection", "upgrade"))
+            framing += "Connection: upgrade\r\n"
         elif tunnel:
             pass
-        elif self._close_after:
-            framing.append(("Connection", "close"))
+        elif close:
+            framing += "Connection: close\r\n"
         elif self.version == "1.0":
-            framing.append(("Connection", "keep-alive"))
-        data = response_head(status, reason, headers, framing, keep_content_length=keep_length)
+            framing += "Connection: keep-alive\r\n"
+        data = serialize_head(status, reason, headers, framing, keep_length)
         self.status, self._tunnel = status, tunnel
         return data
 

@@ -81,7 +81,7 @@ class Pool:
         self._count = 0  # slots taken: open connections plus connections being opened
         self._sweeper: asyncio.TimerHandle | None = None
         self._ticker: asyncio.TimerHandle | None = None
-        self._names: dict[str, bool] = {}  # header names already checked → is it "Upgrade"
+        self._names: dict[str, tuple[str, bool]] = {}  # header names already checked → (str, is it "Upgrade")
         self._methods: set[str] = set()  # methods already checked
         self._closed = False
 
@@ -154,8 +154,11 @@ class Pool:
                 self._methods.add(method)
         if not isinstance(target, str) or not target or _BAD_TARGET.search(target):
             raise ValueError("the request target is empty or contains a space, control character or NUL")
-        if type(headers) is list or type(headers) is tuple:
+        t = type(headers)
+        if t is list or t is tuple:
             items: Iterable[tuple[str, str]] = headers
+        elif t is multidict.CIMultiDict:
+            items = headers.items()  # type: ignore[union-attr]
         elif isinstance(headers, Mapping):  # a CIMultiDict (all its items, in order) or a dict
             items = list(headers.items())
         else:
@@ -171,14 +174,15 @@ class Pool:
                 low = name.lower()
                 if low in _OWNED:
                     raise ValueError("Host, Content-Length, Transfer-Encoding and Connection are set by the pool")
-                known = low == "upgrade"
+                # A plain str to format: a CIMultiDict's keys are istr, which f-strings format slowly.
+                known = (str.__str__(name), low == "upgrade")
                 if len(names) < 1024:
                     names[name] = known
-            if known:
+            if known[1]:
                 upgrade = True
             if type(value) is not str and not isinstance(value, str):
                 raise ValueError(f"the value of header {name!r} is not a str")
-            lines.append(f"{name}: {value}\r\n")
+            lines.append(f"{known[0]}: {value}\r\n")
         n = len(lines)
         block = "".join(lines)
         # Every CR and LF must be one of our separators: anything else would start a

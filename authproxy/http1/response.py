@@ -41,8 +41,8 @@ def _short(e: BaseException) -> str:
     return str(e).split("\n", 1)[0][:120] or type(e).__name__
 
 
-_NAMES: dict[bytes, tuple[str, bytes]] = {}  # header names seen → (str, lower-case bytes)
-_FRAMING = frozenset((b"content-length", b"transfer-encoding", b"connection"))
+_NAMES: dict[str, str] = {}  # header names seen → lower-case
+_FRAMING = frozenset(("content-length", "transfer-encoding", "connection"))
 
 
 class ResponseParser:
@@ -50,9 +50,14 @@ class ResponseParser:
 
     Fed exactly the head (:meth:`feed_head` finds its end itself: llhttp is strict, so
     a head ends at the first CRLF CRLF and nowhere else), then, for a chunked body
-    only, the body (``parser.feed_data``); a second message is refused."""
+    only, the body (``parser.feed_data``); a second message is refused.
 
-    __slots__ = ("label", "parser", "body", "_tail", "_head_len", "_reason", "_pairs", "cl", "cl_count",
+    llhttp validates the head; the fields are then read from the head's text in one
+    pass, not through a callback per field: strict llhttp admits exactly
+    ``name ":" OWS value OWS CRLF`` per line (no obs-fold, no bare CR or LF), so
+    splitting the validated head on CRLF and each line at its first colon is exact."""
+
+    __slots__ = ("label", "parser", "body", "_tail", "_head", "_head_len", "_reason", "_pairs", "cl", "cl_count",
                  "te_count", "_messages", "conn_tokens", "head_done", "msg_done", "keep_alive", "error",
                  "status", "version")  # fmt: skip
 
@@ -61,12 +66,13 @@ class ResponseParser:
         self.parser = httptools.HttpResponseParser(self)
         self.body: _Body | None = None  # where a chunked body goes
         self._tail = b""  # the last bytes of the head so far, to find a CRLF CRLF split across reads
+        self._head: list[bytes] | None = None  # the head's earlier pieces when it spans reads
         self._head_len = 0
         self._reason = b""
         self._pairs: list[tuple[str, str]] = []
         self.cl: int | None = None
         self.cl_count = self.te_count = self._messages = 0
-        self.conn_tokens: frozenset[bytes] | set[bytes] = _NO_TOKENS
+        self.conn_tokens: frozenset[str] | set[str] = _NO_TOKENS
         self.head_done = self.msg_done = False
         self.keep_alive = False  # llhttp's verdict, taken at headers-complete (it resets after the message)
         self.error: ResponseFramingError | None = None
@@ -116,10 +122,51 @@ class ResponseParser:
             if self.head_done:
                 raise self.refuse("the head ended without CRLF CRLF")
             self._tail = (tail + piece)[-3:]
+            if self._head is None:
+                self._head = []
+            self._head.append(bytes(piece))
             return -1
         if not self.head_done:
             raise self.refuse("an incomplete response head")
+        if self._head is not None:
+            self._head.append(bytes(piece))
+            piece = b"".join(self._head)
+            self._head = None
+        self._fields(piece)
         return end
+
+    def _fields(self, head: bytes) -> None:
+        """The header fields of a head llhttp accepted, and the framing rules on them."""
+        lines = head.decode("latin-1").split("\r\n")
+        pairs = self._pairs
+        names = _NAMES
+        for line in lines[1:-2]:  # after the status line; the head ends with CRLF CRLF
+            name, _, value = line.partition(":")
+            low = names.get(name)
+            if low is None:
+                low = name.lower()
+                if len(names) < 1024:
+                    names[name] = low
+            value = value.strip(" \t")
+            if low in _FRAMING:
+                if low == "content-length":
+                    self.cl_count += 1
+                    if self.cl_count > 1:
+                        raise self.refuse("several Content-Length headers")
+                    if not (value.isascii() and value.isdigit()) or len(value) > 18:
+                        raise self.refuse("a Content-Length that is not a decimal number")
+                    self.cl = int(value)
+                elif low == "transfer-encoding":
+                    self.te_count += 1
+                    if self.te_count > 1 or value.lower() != "chunked":
+                        raise self.refuse("a Transfer-Encoding other than exactly chunked")
+                else:
+                    if self.conn_tokens is _NO_TOKENS:
+                        self.conn_tokens = set()
+                    self.conn_tokens.update(t.strip(" \t") for t in value.lower().split(","))  # type: ignore[union-attr]
+            pairs.append((name, value))
+        if self.cl_count and self.te_count:
+            raise self.refuse("both Content-Length and Transfer-Encoding")
 
     # llhttp's callbacks
     def on_message_begin(self) -> None:
@@ -130,35 +177,7 @@ class ResponseParser:
     def on_status(self, reason: bytes) -> None:
         self._reason += reason
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        known = _NAMES.get(name)
-        if known is None:
-            known = (name.decode("latin-1"), name.lower())
-            if len(_NAMES) < 1024:
-                _NAMES[name] = known
-        value = value.rstrip(b" \t")
-        low = known[1]
-        if low in _FRAMING:
-            if low == b"content-length":
-                self.cl_count += 1
-                if self.cl_count > 1:
-                    raise self.refuse("several Content-Length headers")
-                if not value.isdigit() or len(value) > 18:
-                    raise self.refuse("a Content-Length that is not a decimal number")
-                self.cl = int(value)
-            elif low == b"transfer-encoding":
-                self.te_count += 1
-                if self.te_count > 1 or value.lower() != b"chunked":
-                    raise self.refuse("a Transfer-Encoding other than exactly chunked")
-            else:
-                if self.conn_tokens is _NO_TOKENS:
-                    self.conn_tokens = set()
-                self.conn_tokens.update(t.strip(b" \t") for t in value.lower().split(b","))  # type: ignore[union-attr]
-        self._pairs.append((known[0], value.decode("latin-1")))
-
     def on_headers_complete(self) -> None:
-        if self.cl_count and self.te_count:
-            raise self.refuse("both Content-Length and Transfer-Encoding")
         parser = self.parser
         self.keep_alive = parser.should_keep_alive()
         self.status = parser.get_status_code()
@@ -172,7 +191,7 @@ class ResponseParser:
         self.msg_done = True
 
 
-_NO_TOKENS: frozenset[bytes] = frozenset()
+_NO_TOKENS: frozenset[str] = frozenset()
 
 
 class _Body:
