@@ -17,7 +17,6 @@ import re
 import signal
 import socket
 import stat
-import sys
 import time
 from typing import Any
 from urllib.parse import parse_qsl
@@ -304,6 +303,9 @@ class ProxyServer:
             headers = [(k, v) for k, v in r.headers.items() if k.lower() not in RESPONSE_DROP]
             status = r.status
             await ex.respond(r.status, reason(r.status), headers, r.body)
+        except BaseException as exc:  # one that escapes handle(): the record still says what happened
+            decision = decision or ("client_closed" if isinstance(exc, ConnectionError) else "internal_error" if isinstance(exc, Exception) else "aborted")
+            raise
         finally:
             elapsed = time.perf_counter() - started
             self.metrics.request(service or "-", status, elapsed)
@@ -312,11 +314,7 @@ class ProxyServer:
             else:
                 masker = self._url_maskers.get(service, self._url_masker) if service else self._url_masker
             if decision is None:
-                exc = sys.exc_info()[1]  # one that escapes handle(): the record still says what happened
-                if exc is None:
-                    decision = "local" if raw.startswith("/-/") else "forwarded"
-                else:
-                    decision = "client_closed" if isinstance(exc, ConnectionError) else "internal_error" if isinstance(exc, Exception) else "aborted"
+                decision = "local" if raw.startswith("/-/") else "forwarded"
             logged = masker(raw)
             access_log.record(
                 AccessRecord(rid, ex.peer, ex.method, logged, service, status, elapsed, key, decision, upstream_status, ex.bytes_in, ex.bytes_out, credential, scrubbed)
