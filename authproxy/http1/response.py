@@ -142,12 +142,13 @@ class ResponseParser:
         names = _NAMES
         for line in lines[1:-2]:  # after the status line; the head ends with CRLF CRLF
             name, _, value = line.partition(":")
+            value = value.strip(" \t")
+            pairs.append((name, value))
             low = names.get(name)
             if low is None:
                 low = name.lower()
                 if len(names) < 1024:
                     names[name] = low
-            value = value.strip(" \t")
             if low in _FRAMING:
                 if low == "content-length":
                     self.cl_count += 1
@@ -160,11 +161,10 @@ class ResponseParser:
                     self.te_count += 1
                     if self.te_count > 1 or value.lower() != "chunked":
                         raise self.refuse("a Transfer-Encoding other than exactly chunked")
+                elif "," in value:
+                    self.conn_tokens = {t.strip(" \t") for t in value.lower().split(",")} | self.conn_tokens
                 else:
-                    if self.conn_tokens is _NO_TOKENS:
-                        self.conn_tokens = set()
-                    self.conn_tokens.update(t.strip(" \t") for t in value.lower().split(","))  # type: ignore[union-attr]
-            pairs.append((name, value))
+                    self.conn_tokens = {value.lower()} | self.conn_tokens
         if self.cl_count and self.te_count:
             raise self.refuse("both Content-Length and Transfer-Encoding")
 
