@@ -25,6 +25,7 @@ __all__ = ["Response", "ResponseBodyTimeout", "ResponseParser", "ResponseTooLarg
 
 HIGH_WATER = 256 * 1024  # unread body above this pauses reading from the socket
 MAX_HEAD = 64 * 1024  # a response head larger than this is refused
+BIG_PIECE = 64 * 1024  # a body piece this large is handed on by itself, never joined with the next
 
 
 class ResponseBodyTimeout(ResponseBodyError, UpstreamTimeout):
@@ -243,10 +244,15 @@ class _Body:
             self.waiter = self.conn._loop.create_future()
             await self.waiter
         chunks = self.chunks
-        data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
-        chunks.clear()
-        self.size = 0
-        self.conn._resume()
+        if len(chunks) == 1 or len(chunks[0]) >= BIG_PIECE:
+            data = chunks.popleft()  # a big piece goes on alone: joining would copy it once more
+            self.size -= len(data)
+        else:
+            data = b"".join(chunks)
+            chunks.clear()
+            self.size = 0
+        if self.size <= HIGH_WATER:
+            self.conn._resume()
         return data
 
 
