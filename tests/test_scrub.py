@@ -111,6 +111,26 @@ def test_random_streams_match_the_whole_body() -> None:
         assert through(s, data, cuts)[:2] == want, (data, cuts)
 
 
+@pytest.mark.parametrize("memmem", [True, False])
+def test_large_pieces_with_and_without_memmem(memmem: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    import authproxy.proxy.scrub as scrub
+
+    if not memmem:
+        monkeypatch.setattr(scrub, "_memmem", None)
+    elif scrub._memmem is None:
+        pytest.skip("no memmem in this C library")
+    s = Scrubber([TOKEN, "second-secret-value"])
+    raw = TOKEN.encode()
+    filler = bytes(random.Random(3).getrandbits(8) for _ in range(70_000)).replace(b"*", b".")
+    for at in (0, 1, 16383, 16384 - len(raw) // 2, 40_000, len(filler)):
+        data = filler[:at] + raw + b"\0second-secret-value\0" + filler[at:]
+        want = filler[:at] + stars(raw) + b"\0" + stars(19) + b"\0" + filler[at:]
+        assert s.body(data) == (want, 2)
+        for cuts in ([], [at + 3], [20_000, at + 5, at + 30]):
+            assert through(s, data, sorted(set(cuts)))[:2] == (want, 2), (at, cuts)
+    assert s.body(filler) == (filler, 0)
+
+
 def test_only_a_possible_beginning_of_a_secret_is_held_back() -> None:
     s = Scrubber([TOKEN])
     st = s.stream()
