@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 __all__ = ["Connection", "State"]
 
 INLINE_BODY = 64 * 1024  # a body up to this size goes out in the same write as the head
+WRITE_HIGH_WATER = 256 * 1024
 _FLOW_ERRORS = (AttributeError, NotImplementedError, RuntimeError)  # transports without pause/resume
 _LENGTH, _CHUNKED, _EOF = 1, 2, 3  # how the body of the current response is delimited
 
@@ -164,6 +165,10 @@ class Connection(asyncio.Protocol):
     # ------------------------------------------------------------ transport events
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        try:  # a streamed request body pauses at this much unsent (the loop's default, 64 KiB, stalls uploads)
+            transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)  # type: ignore[attr-defined]
+        except _FLOW_ERRORS:
+            pass
 
     def data_received(self, data: bytes) -> None:
         st = self.state

@@ -181,6 +181,15 @@ class RequestParser:
                 end = min(n, pos + (head.content_length or 0) - self.body_received)
                 if end <= pos:  # llhttp should have completed the message; never expected
                     raise FramingError("malformed request")
+                # A Content-Length body needs no parsing: its bytes pass as they came (the
+                # whole read when it is all body), without llhttp copying them once more.
+                chunk = data if pos == 0 and end == n else data[pos:end]
+                self.body.append(chunk)
+                self.body_received += end - pos
+                if self.body_received == head.content_length:
+                    self.complete = True
+                pos = end
+                continue
             piece = view[pos:end]
             upgraded_at = self._feed(piece, head is None)
             self._last3 = (self._last3 + bytes(view[max(pos, end - 3) : end]))[-3:]
