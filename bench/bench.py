@@ -13,10 +13,13 @@ an upload sink, a mock OAuth 2.0 token endpoint, and the targets:
 then measures, interleaved round-robin so machine drift hits every target
 alike: small requests with wrk at 32 and 128 connections (req/s, p50, p99, the
 target's CPU us per request from /proc/PID/stat), 1 GiB download and upload
-(MB/s, the target's RSS before and its peak during each transfer), and token
-single-flight (1,000 concurrent first requests against a fresh authproxy,
-counting token-endpoint requests).  Prints markdown; every process it starts is
-stopped by PID at the end.
+(MB/s, the target's RSS before and its peak during each transfer), 4,000 idle
+client connections (held? the RSS they cost; a new request's latency while they
+are open), and token single-flight (1,000 concurrent first requests against a
+fresh authproxy, counting token-endpoint requests).  Ends with the targets of
+the "One HTTP/1.1 engine" issue, each PASS or MISS (and by how much), beside
+nginx and the naive proxy.  Prints markdown; every process it starts is stopped
+by PID at the end.
 """
 import argparse
 import asyncio
@@ -28,8 +31,10 @@ import re
 import resource
 import shutil
 import signal
+import selectors
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -454,6 +459,133 @@ async def _single_flight(url, n):
         return results, time.monotonic() - t0
 
 
+def held_count(pids, port):
+    """Established TCP connections to ``port`` that the processes ``pids`` hold open
+    (accepted: a descriptor of theirs; a connection still in the backlog has none)."""
+    inodes = set()
+    for p in pids:
+        try:
+            for fd in os.listdir("/proc/%d/fd" % p):
+                try:
+                    link = os.readlink("/proc/%d/fd/%s" % (p, fd))
+                except OSError:
+                    continue
+                if link.startswith("socket:["):
+                    inodes.add(link[8:-1])
+        except OSError:
+            pass
+    n = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                next(f)
+                for line in f:
+                    fields = line.split()
+                    if fields[3] == "01" and int(fields[1].rsplit(":", 1)[1], 16) == port and fields[9] in inodes:
+                        n += 1
+        except (OSError, StopIteration):
+            pass
+    return n
+
+
+def _get_small(addr, path, host, timeout=5.0):
+    """One GET on a fresh connection, read to the end of the body: (status, ms)."""
+    t0 = time.perf_counter()
+    with socket.create_connection(addr, timeout=timeout) as s:
+        s.sendall(("GET %s HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n" % (path, host)).encode())
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            buf += chunk
+        head, _, body = buf.partition(b"\r\n\r\n")
+        m = re.search(rb"(?i)\r\ncontent-length:\s*(\d+)", head)
+        want = int(m.group(1)) if m else None
+        while want is None or len(body) < want:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            body += chunk
+    ms = (time.perf_counter() - t0) * 1e3
+    m = re.match(rb"HTTP/1\.[01] (\d{3})", head)
+    return (int(m.group(1)) if m else 0), ms
+
+
+def idle_connections(url, pids, n, probes=20, batch=256):
+    """Open n idle client connections to the target (no request sent), check that
+    the target holds them (its descriptor count), measure its RSS growth, then time
+    ``probes`` requests on new connections while they stay open."""
+    m = re.match(r"http://([^/:]+):(\d+)(/.*)$", url)
+    host, port, path = m.group(1), int(m.group(2)), m.group(3)
+    addr = (host, port)
+    rss0, held0 = mem_kb(pids, "VmRSS"), held_count(pids, port)
+    socks, failed = [], 0
+    t_open = time.monotonic()
+    while len(socks) + failed < n:
+        pending = []
+        for _ in range(min(batch, n - len(socks) - failed)):
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # no TIME_WAIT at the end
+            s.setblocking(False)
+            s.connect_ex(addr)
+            pending.append(s)
+        sel = selectors.DefaultSelector()
+        for s in pending:
+            sel.register(s, selectors.EVENT_WRITE)
+        end = time.monotonic() + 10
+        left = set(pending)
+        while left and time.monotonic() < end:
+            for key, _ in sel.select(0.5):
+                s = key.fileobj
+                sel.unregister(s)
+                left.discard(s)
+                if s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
+                    socks.append(s)
+                else:
+                    failed += 1
+                    s.close()
+        for s in left:
+            sel.unregister(s)
+            s.close()
+            failed += 1
+        sel.close()
+        # let the target accept this batch before the next one (the backlog is finite)
+        end = time.monotonic() + 5
+        while held_count(pids, port) - held0 < len(socks) and time.monotonic() < end:
+            time.sleep(0.02)
+    open_s = time.monotonic() - t_open
+    time.sleep(1.0)  # settle
+    held = held_count(pids, port) - held0
+    rss1 = mem_kb(pids, "VmRSS")
+    lat, codes = [], {}
+    for _ in range(probes):
+        try:
+            code, ms = _get_small(addr, path, "%s:%d" % addr)
+        except OSError as e:
+            code, ms = type(e).__name__, float("nan")
+        codes[str(code)] = codes.get(str(code), 0) + 1
+        lat.append(ms)
+    alive = 0
+    for s in socks:
+        try:
+            alive += s.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+        except BlockingIOError:
+            alive += 1
+        except OSError:
+            pass
+    for s in socks:
+        s.close()
+    end = time.monotonic() + 10
+    while held_count(pids, port) - held0 > 50 and time.monotonic() < end:
+        time.sleep(0.05)
+    ok_lat = [x for x in lat if x == x]
+    return {"n": n, "opened": len(socks), "failed": failed, "held": held, "alive": alive,
+            "open_s": open_s, "rss0": rss0 / 1024, "rss1": rss1 / 1024, "growth": (rss1 - rss0) / 1024,
+            "probes": probes, "codes": codes, "lat_med": med(ok_lat),
+            "lat_max": max(ok_lat) if ok_lat else float("nan")}
+
+
 # ------------------------------------------------------------------- output
 
 def fmt(x, nd=1):
@@ -534,72 +666,111 @@ def render(res):
         L.append("|---:|---|---:|---:|")
         L.append("| %d | %s | %s | %.2f |" % (sf["n"], ", ".join("%s×%d" % kv for kv in sorted(sf["results"].items())),
                                              sf["count"], sf["elapsed"]))
+    idle = res.get("idle") or {}
+    if idle:
+        n = max(r["n"] for r in idle.values())
+        L.append("")
+        L.append("#### %s idle client connections (opened, never sent a byte), then new requests" % "{:,}".format(n))
+        L.append("")
+        L.append("| target | held | still open at the end | RSS before MiB | RSS with them MiB | growth MiB "
+                 "| new request median ms | max ms (of %d) | replies |" % max(r["probes"] for r in idle.values()))
+        L.append("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+        for t in res["targets"]:
+            r = idle.get(t)
+            if not r:
+                continue
+            L.append("| %s | %d | %d | %s | %s | %s | %s | %s | %s |" % (
+                LABEL[t], r["held"], r["alive"], fmt(r["rss0"]), fmt(r["rss1"]), fmt(r["growth"]),
+                fmt(r["lat_med"], 2), fmt(r["lat_max"], 2), ", ".join("%s×%d" % kv for kv in sorted(r["codes"].items()))))
     L.append("")
-    L.append("#### Ratios and targets")
+    L.append("#### Targets")
     L.append("")
-    L.append("| check | measured | target | |")
-    L.append("|---|---:|---:|---|")
+    L.append("| check | authproxy | nginx | naive | authproxy / nginx | target | result |")
+    L.append("|---|---:|---:|---:|---:|---|---|")
     for c in res["checks"]:
-        L.append("| %s | %s | %s | %s |" % (c["name"], c["value"], c["target"], c["result"]))
+        L.append("| %s | %s | %s | %s | %s | %s | %s |" % (
+            c["name"], c["value"], c.get("nginx", "—"), c.get("naive", "—"), c.get("ratio", "—"), c["target"], c["result"]))
     return "\n".join(L) + "\n"
 
 
-def fmt_ratio(ratio, want):
-    # two decimals, three when two would round onto the threshold
-    nd = 3 if ratio == ratio and abs(ratio - want) < 0.01 else 2
-    return fmt(ratio, nd) + "×"
+def verdict(value, limit, higher_is_better):
+    """PASS, or MISS with how far off: "MISS by 38%" (short of a floor, or over a ceiling)."""
+    if value is None or value != value:
+        return "—"
+    ok = value >= limit if higher_is_better else value <= limit
+    if ok:
+        return "PASS"
+    off = (limit - value) / limit if higher_is_better else (value - limit) / limit
+    return "MISS by %.0f%%" % (100 * off) if off >= 0.005 else "MISS by <1%"
 
 
 def checks(res):
+    """The targets of the "One HTTP/1.1 engine" issue, each beside nginx and the naive proxy."""
     out = []
 
     def small(t, conns, key):
         runs = res["small"].get("%s@%d" % (t, conns), [])
-        return med([r[key] for r in runs]), sum(r["errors"] for r in runs), bool(runs)
+        return med([r[key] for r in runs]) if runs else float("nan")
 
-    def add(name, value, target, ok, shown=None, info=False):
-        out.append({"name": name, "value": shown if shown is not None else fmt(value, 2),
-                    "target": target,
-                    "result": "—" if value != value or value is None else
-                    ("info" if info else ("PASS" if ok else "MISS"))})
+    def stream(t, kind):
+        runs = [r for r in res["stream"].get("%s:%s" % (t, kind), []) if r["ok"]]
+        return med([r["mbps"] for r in runs]) if runs else float("nan")
 
-    aps = [t for t in ("authproxy", "authproxy-oauth") if t in res["targets"]]
-    for ap in aps:
-        for conns in res["conns"]:
-            info = conns != 32
-            a, ea, have = small(ap, conns, "rps")
-            if not have:
+    def growth(t):
+        runs = [r for k in ("download", "upload") for r in res["stream"].get("%s:%s" % (t, k), []) if r["ok"]]
+        return max([r["peak"] - r["rss0"] for r in runs]) if runs else float("nan")
+
+    def row(name, get, nd, unit, relative, limit, higher, target):
+        """``relative``: the target is ``limit`` × nginx's value; else an absolute ``limit``."""
+        for ap in [t for t in ("authproxy", "authproxy-oauth") if t in res["targets"]]:
+            v, ng, nv = get(ap), get("nginx"), get("naive")
+            if v != v:
                 continue
-            for ref, want in (("naive", 2.0), ("nginx", 0.25)):
-                b, eb, hb = small(ref, conns, "rps")
-                if not hb:
-                    continue
-                ratio = a / b if b else float("nan")
-                add("%s / %s req/s @%d" % (ap, ref, conns), ratio, "≥ %.2f×" % want if not info else "(info)",
-                    ratio >= want and ea == 0, shown=fmt_ratio(ratio, want), info=info)
-            if conns == 32:
-                cpu, _, _ = small(ap, conns, "cpu_us")
-                add("%s CPU µs/req @32" % ap, cpu, "≤ 100", cpu <= 100, shown=fmt(cpu, 0))
-    for ap in aps:
-        for kind in ("download", "upload"):
-            a = res["stream"].get("%s:%s" % (ap, kind), [])
-            b = res["stream"].get("nginx:%s" % kind, [])
-            if a and b:
-                ma = med([r["mbps"] for r in a if r["ok"]])
-                mb = med([r["mbps"] for r in b if r["ok"]])
-                ratio = ma / mb if mb == mb and mb else float("nan")
-                add("%s / nginx %s MB/s" % (ap, kind), ratio, "≥ 0.80×",
-                    ratio >= 0.8 and all(r["ok"] for r in a), shown=fmt_ratio(ratio, 0.8))
-        runs = res["stream"].get(ap + ":download", []) + res["stream"].get(ap + ":upload", [])
-        if runs:
-            growth = max([r["peak"] - r["rss0"] for r in runs if r["ok"]] or [float("nan")])
-            add("%s peak RSS growth, streaming" % ap, growth, "≤ 16 MiB", growth <= 16,
-                shown=fmt(growth, 1) + " MiB")
+            ratio = v / ng if ng == ng and ng else float("nan")
+            value = ratio if relative else v
+            label = name if ap == "authproxy" else name + " (oauth2 row)"
+            out.append({"name": label, "value": fmt(v, nd) + unit, "nginx": fmt(ng, nd) + unit if ng == ng else "—",
+                        "naive": fmt(nv, nd) + unit if nv == nv else "—",
+                        "ratio": fmt(ratio, 2) + "×" if ratio == ratio else "—", "target": target,
+                        "result": verdict(value, limit, higher)})
+
+    if 32 in res["conns"]:
+        row("small requests @32: req/s", lambda t: small(t, 32, "rps"), 0, "", True, 0.45, True, "≥ 0.45× nginx")
+        row("small requests @32: CPU µs/request", lambda t: small(t, 32, "cpu_us"), 0, "", True, 2.5, False,
+            "≤ 2.5× nginx")
+    if 128 in res["conns"]:
+        row("small requests @128: p99 latency", lambda t: small(t, 128, "p99"), 1, " ms", True, 3.0, False,
+            "≤ 3× nginx")
+    if res["stream"]:
+        row("1 GiB download: MB/s", lambda t: stream(t, "download"), 0, "", True, 1.0, True, "≥ 1.0× nginx")
+        row("1 GiB upload: MB/s", lambda t: stream(t, "upload"), 0, "", True, 1.0, True, "≥ 1.0× nginx")
+        row("streaming: peak RSS growth", growth, 1, " MiB", False, 16, False, "≤ 16 MiB")
+    idle = res.get("idle") or {}
+    if "authproxy" in idle:
+        r = idle["authproxy"]
+        n = "{:,}".format(r["n"])
+        other = lambda t, key, nd, unit: fmt(idle[t][key], nd) + unit if t in idle else "—"
+        ratio = lambda key: (fmt(r[key] / idle["nginx"][key], 2) + "×"
+                             if "nginx" in idle and idle["nginx"][key] > 0 else "—")
+        held = "" if r["held"] >= r["n"] and r["alive"] >= r["n"] else " (held %d, open at the end %d, of %d)" % (
+            r["held"], r["alive"], r["n"])
+        res_g = verdict(r["growth"], 64, False)
+        out.append({"name": "%s idle connections: RSS growth" % n, "value": fmt(r["growth"], 1) + " MiB",
+                    "nginx": other("nginx", "growth", 1, " MiB"), "naive": other("naive", "growth", 1, " MiB"),
+                    "ratio": ratio("growth"), "target": "≤ 64 MiB, all held",
+                    "result": (res_g if not held else "MISS" + held)})
+        bad = r["codes"].get("200", 0) != r["probes"]
+        out.append({"name": "new request while %s idle are open: max of %d" % (n, r["probes"]),
+                    "value": fmt(r["lat_max"], 1) + " ms", "nginx": other("nginx", "lat_max", 1, " ms"),
+                    "naive": other("naive", "lat_max", 1, " ms"), "ratio": ratio("lat_max"),
+                    "target": "≤ 50 ms, all 200",
+                    "result": verdict(r["lat_max"], 50, False) if not bad else "MISS (replies %s)" % r["codes"]})
     sf = res.get("single_flight")
     if sf:
         ok = sf["count"] == 1 and sf["results"].get("200", 0) == sf["n"]
-        add("token requests for %d concurrent first requests" % sf["n"], float(sf["count"]),
-            "= 1", ok, shown="%d (%d × 200)" % (sf["count"], sf["results"].get("200", 0)))
+        out.append({"name": "token requests for %d concurrent first requests" % sf["n"],
+                    "value": "%d (%d × 200)" % (sf["count"], sf["results"].get("200", 0)),
+                    "target": "= 1", "result": "PASS" if ok else "MISS"})
     res["checks"] = out
 
 
@@ -625,6 +796,8 @@ def main(argv=None):
                     help="comma-separated, from %s (default: all but naive-uvloop)" % ",".join(TARGETS))
     ap.add_argument("--single-flight", type=int, default=1000, metavar="N",
                     help="concurrent first requests for the single-flight test (0 skips it)")
+    ap.add_argument("--idle", type=int, default=4000, metavar="N",
+                    help="idle client connections held while a new request is timed (default 4000; 0 skips)")
     ap.add_argument("--no-small", action="store_true", help="skip the wrk small-request runs")
     ap.add_argument("--no-streaming", action="store_true", help="skip the download/upload runs")
     ap.add_argument("--profile", type=int, default=0, metavar="SECONDS",
@@ -652,7 +825,11 @@ def main(argv=None):
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = min(hard, 65536) if hard != resource.RLIM_INFINITY else 65536
     if soft < want:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))  # inherited by every target
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if a.idle and soft != resource.RLIM_INFINITY and soft < a.idle + 1024:
+        log("RLIMIT_NOFILE is %d: idle connections lowered from %d to %d" % (soft, a.idle, max(0, soft - 1024)))
+        a.idle = max(0, soft - 1024)
 
     def on_term(signum, frame):
         raise KeyboardInterrupt("signal %d" % signum)
@@ -661,7 +838,7 @@ def main(argv=None):
     tmp = tempfile.mkdtemp(prefix="authproxy-bench-")
     os.chmod(tmp, 0o755)
     procs = Procs()
-    res = {"targets": [], "conns": conns_list, "small": {}, "stream": {}, "checks": []}
+    res = {"targets": [], "conns": conns_list, "small": {}, "stream": {}, "idle": {}, "checks": []}
     try:
         res = run(a, tmp, procs, nginx, wrk, targets, conns_list, res)
     except KeyboardInterrupt:
@@ -831,6 +1008,17 @@ def run(a, tmp, procs, nginx, wrk, targets, conns_list, res):
                     log("round %d %-16s %-8s %7.1f MB/s rss %.1f -> peak %.1f MiB %s"
                         % (rnd + 1, t, kind, r["mbps"], r["rss0"], r["peak"], r.get("note", "")))
         res["hwm_reset"] = hwm_ok
+
+    # idle client connections: held, the memory they cost, and a new request meanwhile
+    if a.idle:
+        for t in targets:
+            if t in ("direct", "authproxy-oauth") or dead(T, t, res):
+                continue  # authproxy-oauth is the same process as authproxy
+            log("idle: %d connections to %s" % (a.idle, t))
+            r = idle_connections(T[t]["small"], tree(T[t]["proc"].pid), a.idle)
+            res["idle"][t] = r
+            log("idle %-16s opened %d held %d alive %d rss %.1f -> %.1f MiB, new request median %.1f ms max %.1f ms %s"
+                % (t, r["opened"], r["held"], r["alive"], r["rss0"], r["rss1"], r["lat_med"], r["lat_max"], r["codes"]))
 
     # token single-flight against a fresh authproxy and a fresh token endpoint
     if a.single_flight and "authproxy-oauth" in targets:
