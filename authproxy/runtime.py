@@ -14,7 +14,7 @@ import ssl
 
 import aiohttp
 
-from authproxy.config import ServiceConfig
+from authproxy.service_config import ServiceConfig
 from authproxy.credentials import ServiceCredentials
 from authproxy.observe import Metrics
 from authproxy.http1.pool import Pool

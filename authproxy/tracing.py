@@ -37,9 +37,10 @@ import threading
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, TypeVar
 
 if TYPE_CHECKING:
-    from authproxy.config import Config, Upstream
+    from authproxy.config import Config
     from authproxy.http1.server import Exchange
     from authproxy.schemes.base import Outgoing
+    from authproxy.service_config import Upstream
 
 log = logging.getLogger("authproxy.tracing")
 

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping
 from urllib.parse import quote
 
-from authproxy.config import FieldError
 from authproxy.observe import log_event
 from authproxy.schemes.base import (
     MASK_WINDOW,
@@ -43,6 +42,7 @@ from authproxy.schemes.base import (
     UpstreamReply,
 )
 from authproxy.secret import Secret
+from authproxy.settings import FieldError
 from authproxy.state import StateError
 
 if TYPE_CHECKING:

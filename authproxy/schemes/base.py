@@ -24,7 +24,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from authproxy.secret import Secret, redact
 
 if TYPE_CHECKING:
-    from authproxy.config import ServiceConfig
+    from authproxy.service_config import ServiceConfig
     from authproxy.state import ServiceStore
 
 
@@ -256,7 +256,7 @@ def _config_secrets(cfg: Any) -> list[Secret]:
 class Scheme:
     """Base class: the defaults suit a scheme that is rejected with 401 and revokes nothing."""
 
-    #: The scheme's settings (a frozen dataclass read by authproxy.config).
+    #: The scheme's settings (a frozen dataclass, read by authproxy.settings' loader).
     Config: ClassVar[type]
     #: Query parameters this scheme puts secrets in: masked in logged URLs.
     secret_params: ClassVar[tuple[str, ...]] = ()

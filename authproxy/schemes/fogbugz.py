@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Mapping
 from xml.etree import ElementTree
 
-from authproxy.config import FieldError, FilePath, read_secret_file
 from authproxy.observe import log_event
 from authproxy.schemes.base import MASK_WINDOW, Credential, CredentialError, Outgoing, Reply, Scheme, SchemeContext, UpstreamReply
 from authproxy.schemes.fogbugz_body import (
@@ -53,6 +52,8 @@ from authproxy.schemes.fogbugz_body import (
     xml_not_logged_on,
 )
 from authproxy.secret import Secret
+from authproxy.secrets_source import read_secret_file
+from authproxy.settings import FieldError, FilePath
 
 __all__ = ["FogBugzConfig", "FogBugzScheme", "replace_param", "set_body_token", "PLACEHOLDER"]
 

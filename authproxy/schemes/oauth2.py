@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping
 from urllib.parse import urlsplit
 
-from authproxy.config import FieldError, FilePath
 from authproxy.observe import log_event
 from authproxy.schemes import rfc7009
 from authproxy.schemes.base import CliIO, Credential, CredentialError, LoginRequired, Outgoing, Scheme, SchemeContext
@@ -39,6 +38,7 @@ from authproxy.schemes.rfc6749 import RESERVED_PARAMS, ClientAuth, ClientAuthMet
 from authproxy.schemes.rfc7523 import MAX_LIFETIME, AssertionSigner, KeyFileError, load_private_key
 from authproxy.schemes.rfc8252 import OOB, parse_loopback
 from authproxy.secret import Secret
+from authproxy.settings import FieldError, FilePath
 from authproxy.state import StateError
 
 REFRESH_DOC = "refresh"  # the stored refresh token (and the lock around using it)

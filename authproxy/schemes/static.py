@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping
 
-from authproxy.config import FieldError
 from authproxy.schemes.base import Credential, Outgoing, Scheme, set_query_param
 from authproxy.secret import Secret
+from authproxy.settings import FieldError
 
 
 @dataclass(frozen=True)
