@@ -22,7 +22,8 @@ from typing import Any, Callable
 
 from cachetools import TLRUCache
 
-from authproxy.observe import Metrics, log_event
+from authproxy.metrics import Metrics
+from authproxy.observe import log_event
 from authproxy.schemes.base import Credential, CredentialError, LoginRequired, Scheme, UpstreamReply
 from authproxy.secret import Secret, redactor_for
 from authproxy.state import StateError

@@ -16,7 +16,7 @@ import aiohttp
 
 from authproxy.service_config import ServiceConfig
 from authproxy.credentials import ServiceCredentials
-from authproxy.observe import Metrics
+from authproxy.metrics import Metrics
 from authproxy.http1.pool import Pool
 from authproxy.schemes import SCHEMES
 from authproxy.schemes.base import Scheme, SchemeContext

@@ -22,8 +22,10 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from authproxy import systemd
+from authproxy.access import AccessRecord, access_log
 from authproxy.config import Config, ConfigError, load_config
-from authproxy.observe import AccessRecord, Metrics, access_log, log_event, set_log_redactor, setup_logging
+from authproxy.metrics import Metrics
+from authproxy.observe import log_event, set_log_redactor, setup_logging
 from authproxy.http1.listener import raise_nofile_limit
 from authproxy.http1.server import Exchange, Server, ServerLimits
 from authproxy.proxy.errors import ProxyError, error_parts, reason

@@ -28,7 +28,8 @@ from authproxy.http1.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
-from authproxy.observe import fingerprint, log_event
+from authproxy.access import fingerprint
+from authproxy.observe import log_event
 from authproxy.proxy.cookies import scope_set_cookie
 from authproxy.proxy.errors import ProxyError
 from authproxy.proxy.headers import REQUEST_DROP, RESPONSE_DROP, end_to_end
@@ -40,7 +41,7 @@ from authproxy.tracing import tracing
 if TYPE_CHECKING:
     from authproxy.http1.pool import Response
     from authproxy.http1.server import Exchange
-    from authproxy.observe import Metrics
+    from authproxy.metrics import Metrics
     from authproxy.runtime import ServiceRuntime
 
 log = logging.getLogger("authproxy.proxy")
