@@ -1,8 +1,10 @@
-"""The proxy process: listeners, the request pipeline, reserved endpoints, reload, shutdown.
+"""The proxy process: start, the request pipeline, reload, shutdown.
 
 It runs on authproxy's own HTTP/1.1 engine (:mod:`authproxy.http1`): a request
 goes guard → router → forwarder in straight-line code, which is both the
-cheapest path per request and the easiest to read.
+cheapest path per request and the easiest to read. Where it listens is
+:mod:`authproxy.proxy.listen`; its own ``/-/`` endpoints are
+:mod:`authproxy.proxy.endpoints`.
 """
 
 from __future__ import annotations
@@ -10,16 +12,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import json
 import logging
 import os
 import re
 import signal
-import socket
-import stat
 import time
 from typing import Any
-from urllib.parse import parse_qsl
 
 from authproxy import systemd
 from authproxy.access import AccessRecord, access_log
@@ -28,11 +26,13 @@ from authproxy.metrics import Metrics
 from authproxy.observe import log_event, set_log_redactor, setup_logging
 from authproxy.http1.listener import raise_nofile_limit
 from authproxy.http1.server import Exchange, Server, ServerLimits
+from authproxy.proxy.endpoints import answer_reserved
 from authproxy.proxy.errors import ProxyError, error_parts, reason
 from authproxy.proxy.forward import Forwarder, Passthrough
 from authproxy.proxy.forward_proxy import ForwardProxy, Via
 from authproxy.proxy.headers import RESPONSE_DROP
 from authproxy.proxy.guard import Guard
+from authproxy.proxy.listen import open_listeners
 from authproxy.proxy.policy import Policy
 from authproxy.proxy.routing import Router
 from authproxy.runtime import ServiceRuntime
@@ -44,7 +44,6 @@ log = logging.getLogger("authproxy.proxy")
 
 REVOKE_BUDGET = 5.0  # seconds for all logoff/expire steps at shutdown
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
-NOT_READY = ("backoff", "login_required", "error")
 
 
 class ProxyServer:
@@ -111,18 +110,7 @@ class ProxyServer:
             max_connections=inbound.max_connections,
         )
         self._server = server = Server(self.handle, self._framing_error, limits)
-        listen = self.config.listen
-        inherited = systemd.listen_fds() if os.environ.get("LISTEN_FDS") else []
-        if inherited:
-            for sock in inherited:
-                _check_inherited(sock, self.config)
-                await server.listen_socket(sock)
-        elif listen.kind == "unix":
-            _clear_stale_socket(listen.path)
-            await server.listen_unix(listen.path)
-            os.chmod(listen.path, 0o660)
-        else:
-            await server.listen_tcp(listen.host, listen.port, backlog=1024)
+        await open_listeners(server, self.config)
         for rt in self.runtimes.values():
             rt.creds.start()
         log_event(log, logging.INFO, "listening", address=", ".join(self.addresses()), services=len(self.runtimes), open_files=open_files)
@@ -253,7 +241,7 @@ class ProxyServer:
         span = tracing.start_request(ex) if tracing.enabled else None
         try:
             if via is None and raw.startswith("/-/"):
-                status = await self._reserved(ex, raw)
+                status = await answer_reserved(ex, raw, self.guard, self.runtimes, self.metrics, self.stopping)
             else:
                 guard = self.guard
                 headers = ex.headers
@@ -358,91 +346,11 @@ class ProxyServer:
             )
         return error_parts(ProxyError("bad_request", f"malformed request: {why}"))
 
-    async def _reserved(self, ex: Exchange, raw: str) -> int:
-        path, _, query = raw.partition("?")
-        if ex.method not in ("GET", "HEAD"):
-            raise ProxyError("bad_request", f"{path} answers GET only", status=405)
-        if path == "/-/healthz":
-            return await _json(ex, 200, {"status": "ok"})
-        if path.startswith("/-/callback/"):
-            self.guard.check_host(ex.headers)
-            name = path[len("/-/callback/"):]
-            rt = self.runtimes.get(name)
-            if rt is None:
-                raise ProxyError("no_route", "no such service", name)
-            pairs = parse_qsl(query, keep_blank_values=True)
-            params = dict(pairs)
-            if len(params) != len(pairs):
-                raise ProxyError("bad_request", "a parameter is repeated in the callback (RFC 6749 §3.1)", name)
-            status, text = await rt.scheme.callback(params)
-            await ex.respond(status, reason(status), [("Content-Type", "text/html; charset=utf-8"), ("Cache-Control", "no-store")], text.encode())
-            return status
-        self.guard.check_origin(ex.headers)
-        self.guard.check_key(ex.headers)
-        if path == "/-/readyz":
-            services: dict[str, Any] = {}
-            ready = True
-            for name, rt in self.runtimes.items():
-                st = rt.creds.status()
-                services[name] = {"state": st.state, "expires_in": st.expires_in, "last_error": st.last_error}
-                ready = ready and st.state not in NOT_READY
-            return await _json(ex, 200 if ready and not self.stopping else 503, {"services": services})
-        if path == "/-/metrics":
-            for name, rt in self.runtimes.items():
-                self.metrics.set_ready(name, rt.creds.status().state == "ready")
-            await ex.respond(200, "OK", [("Content-Type", self.metrics.content_type)], self.metrics.render())
-            return 200
-        raise ProxyError("no_route", f"{path} is not an authproxy endpoint")
-
-
-async def _json(ex: Exchange, status: int, doc: Any) -> int:
-    headers = [("Content-Type", "application/json"), ("Cache-Control", "no-store")]
-    await ex.respond(status, reason(status), headers, json.dumps(doc).encode())
-    return status
-
 
 def _replace_listen(cfg: Config, listen: Any) -> Config:
     import dataclasses
 
     return dataclasses.replace(cfg, listen=listen)
-
-
-def _check_inherited(sock: socket.socket, config: Config) -> None:
-    """A socket passed by systemd obeys the same rule as ``listen``: serving other
-    machines needs ``inbound.allow_remote`` and inbound keys."""
-    import ipaddress
-
-    addr = sock.getsockname()
-    if not isinstance(addr, tuple):
-        return  # a unix socket
-    try:
-        loopback = ipaddress.ip_address(addr[0]).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback and not (config.inbound.allow_remote and config.inbound.keys):
-        raise OSError(
-            f"the socket passed by systemd listens on {addr[0]}, not a loopback address; "
-            "set inbound.allow_remote: true and inbound.keys to serve other machines"
-        )
-
-
-def _clear_stale_socket(path: str) -> None:
-    """Remove a socket file left by a crashed run — but never one a live process serves."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise OSError(f"{path} exists and is not a socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except OSError:
-        os.unlink(path)
-    else:
-        raise OSError(f"{path} is in use by another process")
-    finally:
-        probe.close()
 
 
 async def serve(config: Config, config_path: str, stop: asyncio.Event | None = None) -> int:
