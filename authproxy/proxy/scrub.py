@@ -13,9 +13,11 @@ per secret (its longest run of unreserved characters, which all its forms share;
 every form when that run is short) and passed on as the same object. A compiled
 regex alternation of the forms was 5-100x slower than ``bytes in`` (about 5
 GB/s); on pieces of 16 KiB and more, the C library's ``memmem`` (through ctypes,
-when there is one) is 2-5x faster still, which keeps a large download's cost
-near 5% (bench/scrub_micro.py). Only where a needle is found is the masking
-(overlapping occurrences included) done. A streamed body (:class:`BodyStream`) holds
+when there is one) is 1.4-4x faster still. Even so a large download pays one more
+pass over every byte (about 0.15-0.2 s of CPU per GiB on the benchmark machine,
++15-30% of the proxy's own; a small response about 3 us, +3%): see
+bench/scrub_micro.py. Only where a needle is found is the masking (overlapping
+occurrences included) done. A streamed body (:class:`BodyStream`) holds
 back only the tail of a piece that is the beginning of some form (at most the
 longest form minus one byte), so an SSE event whose end cannot begin a secret
 is passed on whole at once.
