@@ -75,7 +75,7 @@ class Guard:
         path = raw_path.split("?", 1)[0]
         if "#" in raw_path or "\\" in path or "\0" in path:
             raise ProxyError("bad_request", "the path contains a character that is not allowed")
-        if ("/." in path or "%" in path) and _climbs(path):  # a dot segment starts right after a / (\\ is refused above)
+        if ("/." in path or "%" in path) and _climbs(path):  # a dot segment starts right after a '/' (a backslash is refused above)
             raise ProxyError("bad_request", "the path must not contain '.' or '..' segments (plain or percent-encoded)")
 
     def check_host(self, headers: Mapping[str, str]) -> None:
