@@ -332,6 +332,7 @@ async def test_connect_tls_credential_injected_scrubbed_and_recorded(tmp_path, t
     sent = up.seen[-1]["headers"]
     assert sent["Authorization"] == f"Bearer {TOKEN}"
     assert sent["Host"] == f"127.0.0.1:{up.port}"  # the upstream's, as configured
+    assert sent["X-Forwarded-Proto"] == "https"  # the client spoke TLS to us inside the tunnel
     # A redirect keeps the upstream's own paths (the client addresses the real host).
     status, headers, _ = await ask(reader, writer, f"GET /base/redirect HTTP/1.1\r\nHost: {HOST}\r\n\r\n")
     assert status == 302 and headers["location"] == "/base/next?page=2"
@@ -404,6 +405,7 @@ async def test_absolute_form_to_a_mapped_host(tmp_path, tls_upstream, upstream, 
     assert got["raw_path"] == "/v1/a%2Fb?x=1&y"
     h = {k.lower(): v for k, v in got["headers"]}
     assert h["authorization"] == f"Bearer {TOKEN}" and h["host"] == f"127.0.0.1:{plain_port}"
+    assert h["x-forwarded-proto"] == "http"
     status, _, body = await send(f"GET http://plain.example.test:{plain_port}/v1")
     assert status == 200 and json.loads(body)["raw_path"] == "/v1"
     status, _, body = await send(f"GET http://{HOST}:{up.port}/base/over-tls")

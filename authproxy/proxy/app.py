@@ -276,7 +276,7 @@ class ProxyServer:
                 rt = fwd.rt
                 rt.enter()
                 try:
-                    done = await fwd.forward(ex, rest, query, rid, direct)
+                    done = await fwd.forward(ex, rest, query, rid, direct, "https" if via is not None else "http")
                 finally:
                     rt.leave()
                 upstream_status, scrubbed, credential = done.upstream_status, done.scrubbed, done.credential

@@ -110,13 +110,13 @@ class Forwarder:
         self._scrubbers: dict[Credential, tuple[tuple[tuple[str, str], ...], Scrubber]] = {}
 
     # ------------------------------------------------------------------ request side
-    def _headers(self, ex: "Exchange", request_id: str) -> CIMultiDict[str]:
+    def _headers(self, ex: "Exchange", request_id: str, proto: str) -> CIMultiDict[str]:
         out = end_to_end(ex.headers, self.drop)
         remote = ex.peer or ""
         prior = ex.headers.getall("X-Forwarded-For", ())
         if prior or remote:
             out["X-Forwarded-For"] = ", ".join([*prior, remote] if remote else prior)
-        out["X-Forwarded-Proto"] = "http"
+        out["X-Forwarded-Proto"] = proto
         host = ex.headers.get("Host")
         if host:
             out["X-Forwarded-Host"] = host
@@ -144,7 +144,9 @@ class Forwarder:
         return None, _stream(ex, parts), False
 
     # ------------------------------------------------------------------ the exchange
-    async def forward(self, ex: "Exchange", rest: str, query: str, request_id: str, direct: bool = False) -> Forwarded:
+    async def forward(
+        self, ex: "Exchange", rest: str, query: str, request_id: str, direct: bool = False, proto: str = "http"
+    ) -> Forwarded:
         """Forward and answer; returns the upstream's status and the scrub count.
         ``direct``: a forward-proxy request (the client addresses the upstream's own
         paths, so ``Location`` and ``Set-Cookie`` keep them)."""
@@ -157,7 +159,7 @@ class Forwarder:
                 raise ProxyError(e.code, e.message, name) from None
         elif ON_BEHALF_OF in ex.headers:
             raise ProxyError("obo_forbidden", f"service {name} does not issue on-behalf-of tokens", name)
-        headers = self._headers(ex, request_id)
+        headers = self._headers(ex, request_id, proto)
         websocket = ex.upgrade and ex.method == "GET" and ex.headers.get("Upgrade", "").strip().lower() == "websocket"
         if websocket:
             headers["Upgrade"] = "websocket"  # the one upgrade that is forwarded (the pool adds Connection: Upgrade)
