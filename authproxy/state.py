@@ -57,12 +57,13 @@ def _ensure_dir(path: Path, root: Path | None = None) -> None:
         raise StateError(f"cannot use the state dir {root or path}: {e.strerror or e}") from None
 
 
-def write_atomic(path: Path, data: bytes, root: Path | None = None) -> None:
-    """Replace ``path`` by ``data`` so that a crash leaves either the old or the new file."""
+def write_atomic(path: Path, data: bytes, root: Path | None = None, mode: int = FILE_MODE) -> None:
+    """Replace ``path`` by ``data`` so that a crash leaves either the old or the new file
+    (temp file with its final ``mode``, fsync, rename, fsync of the folder)."""
     _ensure_dir(path.parent, root)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, FILE_MODE)
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

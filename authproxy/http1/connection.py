@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Callable
 from .errors import BodyError, ClientDisconnected, FramingError
 from .exchange import _DONE, _NONE, Exchange, Handler
 from .framing import RequestParser, response_head
-from .tunnel import RawStream
+from .tunnel import RawStream, WriteFlow
 
 if TYPE_CHECKING:
     from .server import Server
@@ -39,7 +39,7 @@ _INTERNAL_ERROR_HEAD = (
 _INTERNAL_ERROR = _INTERNAL_ERROR_HEAD + b"internal server error\n"
 
 
-class _Connection(asyncio.Protocol):
+class _Connection(WriteFlow):
     """One client connection. Modes: "http" (requests), "linger" (answered and
     half-closed, discarding input until the client closes), "raw" (taken over),
     "gone" (closed, or handed to a TLS connection)."""
@@ -128,16 +128,6 @@ class _Connection(asyncio.Protocol):
         if ex is not None:
             ex._fail_body(BodyError("the client closed the connection mid-body"))
         return False
-
-    def pause_writing(self) -> None:
-        self._write_paused = True
-
-    def resume_writing(self) -> None:
-        self._write_paused = False
-        for fut in self._drainers:
-            if not fut.done():
-                fut.set_result(None)
-        self._drainers.clear()
 
     async def drain(self) -> None:
         """Wait while the transport's write buffer is above its high water."""

@@ -195,18 +195,18 @@ class Exchange:
             data += body
             self.bytes_out = len(body)
         self._state = _DONE
-        conn = self._conn
-        conn.transport.write(data)
-        if self._tunnel:
-            conn.response_done(self)
-        if conn._write_paused or conn.closed:
-            await conn.drain()
+        await self._send_head(data)
 
     async def start(self, status: int, reason: str, headers: HeaderList = (), content_length: int | None = None) -> None:
         """A streamed response: ``Content-Length`` when known, else chunked to an HTTP/1.1
         client, else delimited by closing the connection. Then :meth:`write`, :meth:`end`."""
         data = self._head(status, reason, headers, content_length, True)  # checks that the connection is writable
         self._state = _DONE if self._tunnel else _STREAMING
+        await self._send_head(data)
+
+    async def _send_head(self, data: bytes) -> None:
+        """One write of what :meth:`_head` built (with a whole body, for respond); a
+        101/CONNECT 2xx leaves HTTP here. Waits only when the client reads slowly."""
         conn = self._conn
         conn.transport.write(data)
         if self._tunnel:

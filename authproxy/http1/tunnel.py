@@ -94,7 +94,26 @@ class RawStream:
             w.set_result(None)
 
 
-class RawProtocol(asyncio.Protocol):
+class WriteFlow(asyncio.Protocol):
+    """Write-side flow control shared by the engine's server-side protocols: the
+    transport says when its buffer passes high water; writers wait on ``_drainers``
+    until it says it has drained. Subclasses set both attributes in ``__init__``."""
+
+    _write_paused: bool
+    _drainers: list[asyncio.Future[None]]
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        for fut in self._drainers:
+            if not fut.done():
+                fut.set_result(None)
+        self._drainers.clear()
+
+
+class RawProtocol(WriteFlow):
     """A protocol for a raw connection we open ourselves (``unmapped: tunnel``):
     ``loop.create_connection(RawProtocol, host, port)``, then relay its ``stream``."""
 
@@ -122,16 +141,6 @@ class RawProtocol(asyncio.Protocol):
         else:
             self.stream.feed_eof()
         self.resume_writing()
-
-    def pause_writing(self) -> None:
-        self._write_paused = True
-
-    def resume_writing(self) -> None:
-        self._write_paused = False
-        for fut in self._drainers:
-            if not fut.done():
-                fut.set_result(None)
-        self._drainers.clear()
 
     async def drain(self) -> None:
         if self._lost is not None:

@@ -31,6 +31,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from authproxy.state import write_atomic
+
 __all__ = ["CertificateAuthority", "default_ca_dir"]
 
 CA_VALIDITY = dt.timedelta(days=3650)
@@ -78,8 +80,8 @@ class CertificateAuthority:
             key = ec.generate_private_key(ec.SECP256R1())
             cert = _ca_certificate(key)
             # The key first: a ca.pem never exists without its key.
-            _write(ca_dir / "ca.key", key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()), 0o600)
-            _write(ca_dir / "ca.pem", cert.public_bytes(serialization.Encoding.PEM), 0o644)
+            write_atomic(ca_dir / "ca.key", key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()), mode=0o600)
+            write_atomic(ca_dir / "ca.pem", cert.public_bytes(serialization.Encoding.PEM), mode=0o644)
             return cls(ca_dir, cert, key)
         finally:
             os.close(fd)  # releases the lock
@@ -197,22 +199,6 @@ def _private_dir(path: Path) -> None:
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     if path.stat().st_mode & 0o777 != 0o700:
         os.chmod(path, 0o700)
-
-
-def _write(path: Path, data: bytes, mode: int) -> None:
-    """Temp file with its final mode, fsync, rename: a crash leaves no half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def _load_chain(ctx: ssl.SSLContext, pem: bytes, private_dir: Path) -> None:
