@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 
 from authproxy.http1.errors import FramingError
-from authproxy.http1.framing import RequestParser, response_head
+from authproxy.http1.framing import RequestParser
+from authproxy.http1.heads import response_head
 
 GET = b"GET /a?b=c HTTP/1.1\r\nHost: x\r\n\r\n"
 POST_CL = b"POST /p HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello"

@@ -1034,7 +1034,7 @@ def test_what_the_proxy_forwards_is_one_request_in_its_own_framing_for_its_own_o
 # llhttp refuses only a chunk size whose value overflows, so leading zeros made a size
 # line of any length pass (up to the extensions budget); and the extensions budget was
 # checked against a per-chunk allowance, so 1 KiB could be exceeded by up to ~15 bytes
-# per chunk. Both are now checked line by line (framing._ChunkLines).
+# per chunk. Both are now checked line by line (chunked.ChunkLines).
 
 _CHUNKED_HEAD = b"POST /svc/x HTTP/1.1\r\nX-Case: " + MARK + b"\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n"
 

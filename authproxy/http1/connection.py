@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Callable
 
 from .errors import BodyError, ClientDisconnected, FramingError
 from .exchange import _DONE, _NONE, Exchange, Handler
-from .framing import RequestParser, response_head
+from .framing import RequestParser
+from .heads import response_head
 from .tunnel import RawStream, WriteFlow
 
 if TYPE_CHECKING:

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Awaitable, Callable, Iterable
 from multidict import CIMultiDict
 
 from .errors import BodyError, ClientDisconnected
-from .framing import RequestHead, serialize_head
+from .framing import RequestHead
+from .heads import serialize_head
 from .tunnel import RawStream
 
 if TYPE_CHECKING:

@@ -1,4 +1,4 @@
-"""The SPEC's framing rules for requests from clients, and the framing of our responses.
+"""The SPEC's framing rules for requests from clients (response heads: heads.py; chunk-size lines: chunked.py).
 
 llhttp (through ``httptools``, strict: no leniency is ever enabled) does the
 parsing; it already refuses most malformed input. What it accepts but the SPEC
@@ -21,16 +21,16 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Iterable, Mapping
+from typing import Iterable
 
 import httptools
 from multidict import CIMultiDict
 
+from .chunked import CHUNK_EXTENSIONS_BUDGET, ChunkLines
 from .errors import FramingError
 
 MAX_CONTENT_LENGTH_DIGITS = 18
 CHUNK_OVERHEAD_PER_CHUNK = 16 + 4  # 16 hex digits, CRLF after the size, CRLF after the data
-CHUNK_EXTENSIONS_BUDGET = 1024
 _CRLF2 = b"\r\n\r\n"
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _BAD_VALUE = re.compile(rb"[\x00\r\n]")
@@ -118,7 +118,7 @@ class RequestParser:
         self._error: FramingError | None = None
         self._body_fed = 0  # bytes fed after the head (chunked overhead accounting)
         self._chunks = 0
-        self._lines: _ChunkLines | None = None  # a chunked body's size lines, once the head is in
+        self._lines: ChunkLines | None = None  # a chunked body's size lines, once the head is in
         self.head: RequestHead | None = None
         self.body: list[bytes] = []
         self.body_received = 0
@@ -258,7 +258,7 @@ class RequestParser:
     def _chunk_lines(self, data: bytes, pos: int, end: int) -> None:
         lines = self._lines
         if lines is None:
-            lines = self._lines = _ChunkLines()
+            lines = self._lines = ChunkLines()
         lines.feed(data, pos, end)
 
     def _check_chunk_overhead(self) -> None:
@@ -378,60 +378,6 @@ class RequestParser:
         self.complete = True
 
 
-_HEX = frozenset(b"0123456789abcdefABCDEF")
-MAX_CHUNK_SIZE_DIGITS = 16
-_SIZE, _LINE, _DATA, _DATA_END, _LAST = range(5)
-
-
-class _ChunkLines:
-    """Walks a chunked body beside llhttp, over bytes llhttp has just accepted (so the
-    structure is valid), to hold each chunk-size line to the SPEC: at most 16 hex digits
-    (llhttp refuses only a value that overflows; leading zeros could make a size of any
-    length) and at most 1 KiB of extensions over the whole body (httptools does not
-    report extensions, and the overhead bound alone leaves slack on every chunk)."""
-
-    __slots__ = ("_state", "_digits", "_size", "_left", "_ext")
-
-    def __init__(self) -> None:
-        self._state, self._digits, self._size, self._left, self._ext = _SIZE, 0, 0, 0, 0
-
-    def feed(self, data: bytes, i: int, end: int) -> None:
-        while i < end:
-            state = self._state
-            if state == _SIZE:
-                j = i
-                while j < end and data[j] in _HEX:
-                    j += 1
-                if j > i:
-                    self._digits += j - i
-                    if self._digits > MAX_CHUNK_SIZE_DIGITS:
-                        raise FramingError("invalid chunk size")
-                    self._size = (self._size << 4 * (j - i)) | int(data[i:j], 16)
-                if j < end:
-                    self._state = _LINE  # extensions, then CRLF
-                i = j
-            elif state == _LINE:
-                k = data.find(b"\n", i, end)
-                self._ext += (end if k == -1 else k - 1) - i  # not counting the CRLF
-                if self._ext > CHUNK_EXTENSIONS_BUDGET:
-                    raise FramingError("chunk extensions too long")
-                if k == -1:
-                    return
-                i = k + 1
-                self._state, self._left = (_DATA, self._size) if self._size else (_LAST, 0)
-            elif state == _DATA or state == _DATA_END:
-                step = min(self._left, end - i)
-                i += step
-                self._left -= step
-                if not self._left:
-                    if state == _DATA:
-                        self._state, self._left = _DATA_END, 2  # the CRLF after the data
-                    else:
-                        self._state, self._digits, self._size = _SIZE, 0, 0
-            else:  # the last chunk: trailers are llhttp's (and the overhead bound's)
-                return
-
-
 class _BodyOnly:
     """Callbacks of the body-only parser of a declined upgrade: body and chunks go to
     the request's parser; the synthetic head is not the client's."""
@@ -445,66 +391,3 @@ class _BodyOnly:
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._owner.head is not None and self._owner.body_received + self._owner._chunks:
             self._owner.on_header(name, value)  # trailers of the real body
-
-
-# -- responses ---------------------------------------------------------------------
-
-_DROPPED = frozenset(("content-length", "transfer-encoding", "connection"))
-_REASON_BAD = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
-_TOKEN_STR = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_STATUS_LINES: dict[tuple[int, str], str] = {}  # (status, reason) → "HTTP/1.1 200 OK\r\n"
-_OUT_NAMES: dict[str, tuple[str, str]] = {}  # response header names already checked → (str, lower-case)
-
-
-def response_head(
-    status: int,
-    reason: str,
-    headers: Iterable[tuple[str, str]],
-    framing: list[tuple[str, str]],
-    *,
-    keep_content_length: bool = False,
-) -> bytes:
-    """Serialise a response head: the caller's end-to-end headers without their
-    framing (``framing`` is the engine's own), one latin-1 string, CRLF line ends.
-    A CR, LF or NUL in a name or value is a bug of the caller (ValueError), never
-    a header injection. ``keep_content_length`` passes the caller's length (HEAD)."""
-    tail = "".join([f"{name}: {value}\r\n" for name, value in framing])
-    return serialize_head(status, reason, headers, tail, keep_content_length)
-
-
-def serialize_head(
-    status: int, reason: str, headers: Iterable[tuple[str, str]], framing: str, keep_content_length: bool = False
-) -> bytes:
-    """:func:`response_head` with the engine's framing already as text (``"Name: value\\r\\n"``
-    lines): the exchange builds it without a list of tuples per response."""
-    line = _STATUS_LINES.get((status, reason))
-    if line is None:
-        if type(status) is not int or not 100 <= status <= 999:
-            raise ValueError(f"bad status {status}")
-        line = f"HTTP/1.1 {status} {_REASON_BAD.sub(' ', reason)}\r\n"
-        if len(_STATUS_LINES) < 256:
-            _STATUS_LINES[(status, reason)] = line
-    parts = [line]
-    t = type(headers)
-    items = headers if t is list or t is tuple else (
-        headers.items() if isinstance(headers, Mapping) else headers)  # fmt: skip
-    names = _OUT_NAMES
-    for name, value in items:
-        known = names.get(name)
-        if known is None:
-            if not _TOKEN_STR.fullmatch(name):
-                raise ValueError(f"bad response header name {name!r}")
-            # A plain str to format (a CIMultiDict's keys are istr, which f-strings format slowly).
-            known = (str.__str__(name), name.lower())
-            if len(names) < 1024:
-                names[name] = known
-        if known[1] in _DROPPED:
-            if not (keep_content_length and known[1] == "content-length" and value.strip().isdigit()):
-                continue
-            value = value.strip()
-        parts.append(f"{known[0]}: {value}\r\n")
-    block = "".join(parts)
-    breaks = len(parts)
-    if block.count("\n") != breaks or block.count("\r") != breaks or "\0" in block:
-        raise ValueError("CR, LF or NUL in a response header value")
-    return (block + framing + "\r\n").encode("latin-1")
