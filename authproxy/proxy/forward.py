@@ -17,7 +17,6 @@ import logging
 from typing import TYPE_CHECKING, AsyncIterator, NamedTuple
 
 from multidict import CIMultiDict
-from yarl import URL
 
 from authproxy.credentials import Unavailable
 from authproxy.http1.tunnel import relay
@@ -31,6 +30,7 @@ from authproxy.http1.errors import (
 from authproxy.access import fingerprint
 from authproxy.observe import log_event
 from authproxy.proxy.cookies import scope_set_cookie
+from authproxy.proxy.location import rewrite_location
 from authproxy.proxy.errors import ProxyError
 from authproxy.proxy.headers import REQUEST_DROP, RESPONSE_DROP, end_to_end
 from authproxy.proxy.scrub import Scrubber, injected_values, is_compressed
@@ -48,20 +48,6 @@ log = logging.getLogger("authproxy.proxy")
 
 COALESCE_MAX = 64 * 1024  # replies up to this size (with a Content-Length) are read whole, then sent in one write
 ON_BEHALF_OF = "X-Authproxy-On-Behalf-Of"
-
-
-def strip_params(query: str, names: frozenset[str], values: frozenset[str]) -> str:
-    from urllib.parse import unquote_plus
-
-    kept = []
-    for part in query.split("&"):
-        name, _, value = part.partition("=")
-        if unquote_plus(name).lower() in names or (value and unquote_plus(value) in values):
-            continue
-        kept.append(part)
-    return "&".join(kept)
-
-
 SCRUB_CACHE_MAX = 256  # scrubbers kept per service (one per credential: the service's own, OBO users')
 
 
@@ -337,43 +323,13 @@ class Forwarder:
         for k, v in end_to_end(resp.headers, RESPONSE_DROP).items():
             lk = k.lower()
             if lk == "location":
-                v = self.rewrite_location(v, cred, direct)
+                v = rewrite_location(v, self.upstream, self.prefix, self.secret_names, cred.token.reveal() if cred is not None else None, direct)
             elif lk == "set-cookie" and not direct:
                 v = scope_set_cookie(v, self.prefix, self.base_path)
             out.append((k, v))
         if scrubber is None:
             return out, 0
         return scrubber.headers(out)
-
-    def rewrite_location(self, location: str, cred: Credential | None, direct: bool = False) -> str:
-        """A redirect into the upstream's base path is pointed back at the proxy's prefix
-        (never followed: following would carry the credential wherever it points), and
-        any credential in it is removed. Other locations are left alone. ``direct``
-        (forward-proxy mode): only the credential is removed."""
-        try:
-            u = URL(location, encoded=True)
-        except ValueError:
-            return location
-        up = self.upstream
-        if u.is_absolute():
-            if (u.scheme or "").lower() != up.scheme or (u.host or "").lower() != up.host.lower() or u.port != up.port:
-                return location
-        elif not location.startswith("/") or location.startswith("//"):
-            return location
-        path = u.raw_path
-        base = self.base_path
-        if base and not (path == base or path.startswith(base + "/")):
-            return location
-        tail = path[len(base):]
-        new_path = (self.prefix.rstrip("/") + tail) or "/"
-        if direct:
-            new_path = location.partition("#")[0].partition("?")[0]
-        query = u.raw_query_string
-        if query:
-            values = frozenset({cred.token.reveal()}) if cred is not None else frozenset()
-            query = strip_params(query, self.secret_names, values)
-        frag = f"#{u.raw_fragment}" if u.raw_fragment else ""
-        return new_path + (f"?{query}" if query else "") + frag
 
     async def _respond(
         self,
