@@ -26,6 +26,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -34,13 +35,14 @@ from authproxy.secrets_source import SecretLoader
 from authproxy.secrets_source import interpolate as interpolate  # re-exported: part of the config's API
 from authproxy.service_config import ServiceConfig, load_services
 from authproxy.service_config import parse_upstream as parse_upstream  # re-exported: part of the config's API
-from authproxy.settings import INVALID, ConfigError, FieldError, child_node, join_keypath, key_lines, line_suffix, resolve_path
+from authproxy.settings import INVALID, ConfigError, FieldError, FilePath, child_node, join_keypath, key_lines, line_suffix, resolve_path
 
 KEY_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
 COMMAND_TIMEOUT = 10.0  # seconds a k_command may take
 DEFAULT_LISTEN = "127.0.0.1:8080"
 DEFAULT_STATE_DIR = "~/.local/state/authproxy"
 DEFAULT_CONFIG_FILE = "authproxy.yaml"
+MAX_WORKERS = 256
 
 
 # --------------------------------------------------------------------------- sections
@@ -95,6 +97,34 @@ class ForwardProxyConfig:
 
 
 @dataclass(frozen=True)
+class StoreConfig:
+    """``store:``: where credentials live when every process and replica shares them (Redis)."""
+
+    url: str  # redis://HOST:PORT/DB, rediss://HOST:PORT/DB, unix:///path/redis.sock?db=N
+    key_file: FilePath | None = None  # required: the AES-GCM key is derived from this file's content
+    prefix: str = "authproxy:"
+    username: str | None = None
+    password: Secret | None = None  # or password_file / password_command
+    ca_file: FilePath | None = None  # rediss:// only: the CA bundle the server's certificate is checked against
+    timeout: float = 2.0  # seconds to connect, and for each command
+
+    def check(self) -> None:
+        scheme = urlsplit(self.url).scheme
+        if scheme not in ("redis", "rediss", "unix"):
+            raise FieldError("url", "must be redis://HOST:PORT/DB, rediss://HOST:PORT/DB or unix:///path/to/redis.sock")
+        if urlsplit(self.url).password:
+            raise FieldError("url", "must not hold a password: use password_file (or password, password_command)")
+        if self.key_file is None:
+            raise FieldError("key_file", "required with a store: the credentials kept there are encrypted with a key derived from this file")
+        if self.ca_file is not None and scheme != "rediss":
+            raise FieldError("ca_file", "only used with a rediss:// url")
+        if not self.prefix or any(c.isspace() for c in self.prefix):
+            raise FieldError("prefix", "must be a non-empty string without spaces")
+        if self.timeout <= 0:
+            raise FieldError("timeout", "must be greater than 0")
+
+
+@dataclass(frozen=True)
 class Listen:
     kind: Literal["tcp", "unix"]
     host: str = ""
@@ -132,6 +162,8 @@ class Config:
     # key's value, file path or command): ``authproxy exec`` removes them from CMD's environment.
     secret_env: frozenset[str] = field(default=frozenset(), compare=False)
     forward_proxy: ForwardProxyConfig = field(default_factory=ForwardProxyConfig)
+    workers: int = 1  # processes serving the listener ("auto" in the file: one per CPU)
+    store: StoreConfig | None = None  # None: the state dir (one machine)
 
 
 # --------------------------------------------------------------------------- parsing helpers
@@ -151,6 +183,20 @@ def parse_listen(value: str) -> Listen:
     if not 0 <= port <= 65535:
         raise ValueError("port out of range")
     return Listen("tcp", host=host, port=port)
+
+
+def parse_workers(value: str) -> int | None:
+    """``workers``: a whole number, or ``auto`` (one per CPU this process may run on)."""
+    value = str(value).strip().lower()
+    if value == "auto":
+        try:
+            return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
+        except (AttributeError, OSError):
+            return max(1, min(MAX_WORKERS, os.cpu_count() or 1))
+    if not re.fullmatch(r"\d+", value):
+        return None
+    n = int(value)
+    return n if 1 <= n <= MAX_WORKERS else None
 
 
 # --------------------------------------------------------------------------- the loader
@@ -282,6 +328,9 @@ class _Loader(SecretLoader):
             state_dir = DEFAULT_STATE_DIR
         if top.shutdown_timeout < 0:
             raise ConfigError([f"{self.path}{line_suffix(child_node(root, 'shutdown_timeout'))}: shutdown_timeout: must not be negative"])
+        workers = parse_workers(top.workers)
+        if workers is None:
+            raise ConfigError([f"{self.path}{line_suffix(child_node(root, 'workers'))}: workers: must be a whole number from 1 to {MAX_WORKERS}, or auto"])
         fwd = top.forward_proxy
         if fwd.ca_dir:
             fwd = dataclasses.replace(fwd, ca_dir=str(resolve_path(fwd.ca_dir, self.base_dir)))
@@ -295,6 +344,8 @@ class _Loader(SecretLoader):
             services=services,
             secret_env=frozenset(self.secret_env),
             forward_proxy=fwd,
+            workers=workers,
+            store=top.store,
         )
 
 
@@ -306,6 +357,8 @@ class _TopSection:
     shutdown_timeout: float = 10.0
     inbound: InboundConfig = field(default_factory=InboundConfig)
     forward_proxy: ForwardProxyConfig = field(default_factory=ForwardProxyConfig)
+    workers: str = "1"  # N or auto
+    store: StoreConfig | None = None
 
 
 @dataclass(frozen=True)
