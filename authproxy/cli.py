@@ -90,7 +90,12 @@ def _dispatch(args: argparse.Namespace) -> int:
     set_log_redactor(Redactor(collect_secrets(config)))  # every log line of token/login/logout/rotate too
     if args.command == "run":
         from authproxy.proxy.app import serve
+        from authproxy.workers import is_worker, serve_worker, supervise
 
+        if is_worker():  # started by the supervisor of workers: N
+            return _run_async(serve_worker(config, path))
+        if config.workers > 1:
+            return _run_async(supervise(config, path))
         return _run_async(serve(config, path))
     from authproxy.schemes.base import CliIO
 

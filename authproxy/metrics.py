@@ -73,6 +73,34 @@ class Metrics:
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
+    def snapshot(self) -> dict[str, Any]:
+        """The counters as plain JSON data, for ``workers: N`` (each worker's are summed
+        at scrape time, :mod:`authproxy.worker_stats`)."""
+        return {
+            "requests": [[s, c, n] for (s, c), n in self._counts.items()],
+            "hist": {s: list(h) for s, h in self._hist.items()},
+            "fetches": [[*s.labels.values(), s.value] for s in _samples(self._fetches)],
+            "retries": [[*s.labels.values(), s.value] for s in _samples(self._retries)],
+        }
+
+    def absorb(self, snap: dict[str, Any]) -> None:
+        """Add a :meth:`snapshot` (another worker's, or a sum of them) to these counters."""
+        for service, code, n in snap.get("requests", ()):
+            self._counts[(service, int(code))] = self._counts.get((service, int(code)), 0) + int(n)
+        for service, h in snap.get("hist", {}).items():
+            mine = self._hist.setdefault(service, [0.0] * (len(DURATION_BUCKETS) + 2))
+            for i, x in enumerate(h[: len(mine)]):
+                mine[i] += x
+        for service, result, n in snap.get("fetches", ()):
+            self._fetches.labels(service, result).inc(n)
+        for service, n in snap.get("retries", ()):
+            self._retries.labels(service).inc(n)
+
+
+def _samples(counter: Counter) -> list[Any]:
+    """A labelled counter's ``*_total`` samples."""
+    return [s for fam in counter.collect() for s in fam.samples if s.name.endswith("_total")]
+
 
 class _RequestCollector:
     """Exposes :class:`Metrics`' request counters and duration histogram."""

@@ -22,6 +22,7 @@ import logging
 import os
 import socket
 import time
+from typing import Callable
 
 __all__ = ["LISTEN_FDS_START", "listen_fds", "notify", "reloading"]
 
@@ -34,6 +35,10 @@ LISTEN_FDS_START = 3
 # continuously; the timeout only bounds the pathological case (a wedged
 # manager) so that the event loop is never blocked for long.
 _SEND_TIMEOUT = 2.0
+
+#: In a worker of ``workers: N`` (:mod:`authproxy.workers`): where notifications go
+#: instead — to the supervising parent, the one process systemd hears from.
+relay: Callable[[tuple[str, ...]], bool] | None = None
 
 
 def _notify_address(value: str) -> str | bytes | None:
@@ -67,6 +72,8 @@ def notify(*states: str) -> bool:
     rare, and a cached socket would leak into forks and survive a change of
     the variable.
     """
+    if relay is not None:
+        return relay(states) if states else False
     target = os.environ.get("NOTIFY_SOCKET")
     if not target:
         return False

@@ -32,6 +32,7 @@ from authproxy.proxy.forward import Forwarder, Passthrough
 from authproxy.proxy.forward_proxy import ForwardProxy, Via
 from authproxy.proxy.headers import RESPONSE_DROP
 from authproxy.proxy.guard import Guard
+from authproxy.proxy import listen as listeners
 from authproxy.proxy.listen import open_listeners
 from authproxy.proxy.policy import Policy
 from authproxy.proxy.routing import Router
@@ -211,7 +212,7 @@ class ProxyServer:
                 await rt.pool.close()
             with contextlib.suppress(Exception):
                 await rt.session.close()
-        if self.config.listen.kind == "unix":
+        if self.config.listen.kind == "unix" and not listeners.handed:  # a worker's parent removes it
             with contextlib.suppress(OSError):
                 os.unlink(self.config.listen.path)
         if self._traced:
@@ -353,13 +354,13 @@ def _replace_listen(cfg: Config, listen: Any) -> Config:
     return dataclasses.replace(cfg, listen=listen)
 
 
-async def serve(config: Config, config_path: str, stop: asyncio.Event | None = None) -> int:
+async def serve(config: Config, config_path: str, stop: asyncio.Event | None = None, server: ProxyServer | None = None) -> int:
     """Run until SIGTERM/SIGINT; SIGHUP reloads. Returns the exit code.
 
     Signal handlers go in before the listener opens (and so before READY=1):
     ``systemctl start x && systemctl reload x`` sends SIGHUP the moment READY=1
     arrives, and the default action would terminate the service."""
-    server = ProxyServer(config)
+    server = server or ProxyServer(config)  # a worker of workers: N brings its own (authproxy.workers)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     reloads: set[asyncio.Task[bool]] = set()

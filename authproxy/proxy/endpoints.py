@@ -14,6 +14,7 @@ import json
 from typing import TYPE_CHECKING, Any, Mapping
 from urllib.parse import parse_qsl
 
+from authproxy import worker_stats
 from authproxy.proxy.errors import ProxyError, reason
 
 if TYPE_CHECKING:
@@ -33,7 +34,8 @@ async def answer_reserved(ex: Exchange, raw: str, guard: Guard, runtimes: Mappin
     if ex.method not in ("GET", "HEAD"):
         raise ProxyError("bad_request", f"{path} answers GET only", status=405)
     if path == "/-/healthz":
-        return await _json(ex, 200, {"status": "ok"})
+        group = worker_stats.current  # workers: N — say which worker answered
+        return await _json(ex, 200, {"status": "ok"} if group is None else {"status": "ok", "worker": group.index, "pid": group.pid})
     if path.startswith("/-/callback/"):
         guard.check_host(ex.headers)
         name = path[len("/-/callback/"):]
@@ -56,8 +58,14 @@ async def answer_reserved(ex: Exchange, raw: str, guard: Guard, runtimes: Mappin
             st = rt.creds.status()
             services[name] = {"state": st.state, "expires_in": st.expires_in, "last_error": st.last_error}
             ready = ready and st.state not in NOT_READY
+        if worker_stats.current is not None:  # workers: N — each service's worst state over the workers
+            services = worker_stats.current.readiness()
+            ready = all(s["state"] not in NOT_READY for s in services.values())
         return await _json(ex, 200 if ready and not stopping else 503, {"services": services})
     if path == "/-/metrics":
+        if worker_stats.current is not None:  # workers: N — the sum over every worker
+            await ex.respond(200, "OK", [("Content-Type", metrics.content_type)], worker_stats.current.render_metrics())
+            return 200
         for name, rt in runtimes.items():
             metrics.set_ready(name, rt.creds.status().state == "ready")
         await ex.respond(200, "OK", [("Content-Type", metrics.content_type)], metrics.render())

@@ -20,8 +20,17 @@ if TYPE_CHECKING:
     from authproxy.http1.server import Server
 
 
+#: In a worker of ``workers: N``: the listening sockets its supervising parent opened
+#: (:func:`bind_listeners`) and handed down; every worker accepts on the same ones.
+handed: list[socket.socket] = []
+
+
 async def open_listeners(server: Server, config: Config) -> None:
     """Listen where ``config.listen`` says, or on the sockets systemd passed (``LISTEN_FDS``)."""
+    if handed:
+        for sock in handed:
+            await server.listen_socket(sock)
+        return
     listen = config.listen
     inherited = systemd.listen_fds() if os.environ.get("LISTEN_FDS") else []
     if inherited:
@@ -34,6 +43,30 @@ async def open_listeners(server: Server, config: Config) -> None:
         os.chmod(listen.path, 0o660)
     else:
         await server.listen_tcp(listen.host, listen.port, backlog=1024)
+
+
+def bind_listeners(config: Config) -> list[socket.socket]:
+    """The supervising parent of ``workers: N``: the same sockets, with the same checks,
+    as :func:`open_listeners`, opened once here and handed to every worker."""
+    from authproxy.http1.listener import bind_tcp, bind_unix
+
+    listen = config.listen
+    inherited = systemd.listen_fds() if os.environ.get("LISTEN_FDS") else []
+    if inherited:
+        try:
+            for sock in inherited:
+                check_inherited(sock, config)
+        except OSError:
+            for sock in inherited:
+                sock.close()
+            raise
+        return inherited
+    if listen.kind == "unix":
+        clear_stale_socket(listen.path)
+        sock = bind_unix(listen.path, 1024)
+        os.chmod(listen.path, 0o660)
+        return [sock]
+    return bind_tcp(listen.host, listen.port, 1024, False)
 
 
 def check_inherited(sock: socket.socket, config: Config) -> None:
