@@ -268,3 +268,36 @@ def wait_port(port: int, timeout: float = 15) -> None:
             return
         time.sleep(0.02)
     raise AssertionError(f"port {port} did not open")
+
+
+# --------------------------------------------------------------------------- Redis
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """One real redis-server for the session (``.url`` = redis://127.0.0.1:PORT/0);
+    tests share it by using a unique key prefix each. Skips when redis-server is
+    missing and cannot be installed."""
+    from tests.redis_server import RedisServer
+
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_factory(tmp_path: Path) -> Any:
+    """Start a test's own redis-server (to stop, restart or dump it, or with a
+    password): ``redis_factory(password=None)``. All are stopped after the test."""
+    from tests.redis_server import RedisServer
+
+    servers: list[Any] = []
+
+    def start(password: str | None = None) -> Any:
+        server = RedisServer(tmp_path / f"redis{len(servers)}", password=password).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()

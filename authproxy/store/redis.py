@@ -1,0 +1,386 @@
+"""Redis as a :class:`~authproxy.store.base.DocStore`: one set of credentials for a fleet.
+
+Every process of every replica configured with the same ``store`` shares what is
+kept here. Nothing here is readable without ``store.key_file`` (see
+:mod:`authproxy.store.crypto`): a Redis dump or a ``MONITOR`` shows key names,
+non-secret tags and ciphertext only.
+
+Key layout (``P`` is ``store.prefix``, default ``authproxy:``; service names are
+``[a-z0-9-]+`` and document/lock names ``[A-Za-z0-9_-]+``, so no two kinds collide):
+
+``P{service}:{name}`` — a hash, one document:
+    ``ct``  nonce || AES-256-GCM(JSON of the document), AAD = this key's name;
+    ``tag`` the caller's non-secret tag (an HMAC fingerprint), for compare-and-delete;
+    ``ver`` random hex, new on every write: what :meth:`RedisDocs.version` returns.
+    A document written with a ttl has it as the key's expiry (set in the same
+    MULTI/EXEC as the write, so no reader ever sees it without one).
+``P lock:{service}:{name}`` (no space) — a string, a lock held: redis-py's
+    :class:`redis.asyncio.lock.Lock` (SET NX PX with a random owner token; renewed
+    by the holder every ``LOCK_TTL / 3``; released by compare-and-delete, only by
+    its owner). A holder killed with ``kill -9`` loses it when it expires, within
+    ``LOCK_TTL``.
+pub/sub channel ``Preleased:{service}:{name}`` — published after each release.
+    Each :class:`RedisStore` keeps one connection pattern-subscribed to
+    ``Preleased:*`` (from the first time it has to wait) and wakes its waiters from
+    it, so waiting costs no polling; a waiter still retries every
+    ``SAFETY_NET`` seconds, for the holder that died without a word.
+
+Every failure (refused, timed out, wrong password, a script gone after a restart
+that cannot be reloaded) becomes a :class:`StoreError` naming the store by its
+URL without credentials; the password is never in a message. The client
+reconnects by itself after a Redis restart (one retry of a command on a broken
+connection), and the pub/sub listener subscribes again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import secrets
+from typing import Any, AsyncIterator, Awaitable, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+from redis.asyncio import Redis
+from redis.asyncio.lock import Lock
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import LockError, LockNotOwnedError, RedisError
+
+from authproxy.config import StoreConfig
+from authproxy.store.base import StoreError
+from authproxy.store.crypto import StoreCipher
+
+log = logging.getLogger("authproxy.store")
+
+LOCK_TTL = 10.0  # seconds a lock lives without renewal: a dead holder's lock is free within this
+SAFETY_NET = 1.0  # seconds a waiter waits for a release message before trying again anyway
+HEALTH_CHECK_INTERVAL = 15  # seconds idle before a pooled connection is PINGed before use
+_LISTEN_BACKOFF = (0.05, 1.0)  # the pub/sub listener's reconnect delay: first, cap
+
+_NAME = re.compile(r"[A-Za-z0-9_-]+\Z")
+_DELETE_IF_TAG = """
+if redis.call('HGET', KEYS[1], 'tag') == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+_FAILURES = (RedisError, OSError, asyncio.TimeoutError)
+T = TypeVar("T")
+
+
+def _public_url(url: str) -> str:
+    """``url`` without a password (the config refuses one there, but never trust that)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = (f"{parts.username}@" if parts.username else "") + host + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
+
+
+def _check_name(name: str) -> str:
+    if not _NAME.match(name):
+        raise ValueError(f"bad store document name {name!r}")
+    return name
+
+
+class RedisStore:
+    """Every service's documents in one Redis database under ``cfg.prefix``. Creating
+    it does no network I/O: the client connects on first use, so this may be made
+    before the event loop runs or inside it."""
+
+    shared = True
+    fleet = True
+
+    def __init__(self, cfg: StoreConfig) -> None:
+        if cfg.key_file is None:
+            raise StoreError("store.key_file is required with a store")
+        self.cfg = cfg
+        self.prefix = cfg.prefix
+        self.url = _public_url(cfg.url)
+        self.where = f"{self.url} prefix {cfg.prefix}"
+        self.cipher = StoreCipher.from_file(str(cfg.key_file))
+        self._password = cfg.password.reveal() if cfg.password else None
+        self._redis: Redis | None = None
+        self._delete_if_tag: Any = None
+        # one pub/sub connection, started the first time a lock must be waited for
+        self._listener: asyncio.Task[None] | None = None
+        self._subscribed: asyncio.Event | None = None
+        self._waiters: dict[bytes, set[asyncio.Event]] = {}
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"RedisStore({self.where!r})"
+
+    # ----------------------------------------------------------------- plumbing
+
+    def client(self) -> Redis:
+        """The client, made on first use (no I/O: connections are opened per command)."""
+        if self._closed:
+            raise StoreError(f"store {self.where} is closed")
+        if self._redis is None:
+            extra: dict[str, Any] = {}
+            if urlsplit(self.cfg.url).scheme == "rediss" and self.cfg.ca_file:
+                extra["ssl_ca_certs"] = str(self.cfg.ca_file)
+            self._redis = Redis.from_url(
+                self.cfg.url,
+                username=self.cfg.username,
+                password=self._password,
+                socket_timeout=self.cfg.timeout,
+                socket_connect_timeout=self.cfg.timeout,
+                health_check_interval=HEALTH_CHECK_INTERVAL,
+                # One retry on a broken connection: after a Redis restart the pooled
+                # connections are dead, and the first command must not fail for that.
+                # Never on a timeout (that would double every wait for a dead server).
+                retry=Retry(NoBackoff(), 1),
+                retry_on_error=[RedisConnectionError],
+                decode_responses=False,
+                **extra,
+            )
+            self._delete_if_tag = self._redis.register_script(_DELETE_IF_TAG)
+        return self._redis
+
+    def failure(self, e: BaseException) -> StoreError:
+        """A StoreError naming the store and, briefly, why: never the password."""
+        if isinstance(e, asyncio.TimeoutError) and not str(e):
+            reason = f"no answer within {self._budget():g}s"
+        else:
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        if self._password:
+            reason = reason.replace(self._password, "***")
+        return StoreError(f"store {self.where} unreachable: {reason}")
+
+    def _budget(self) -> float:
+        # connect + one command (+ the one reconnect, when the first was refused at once)
+        return 2 * self.cfg.timeout
+
+    async def call(self, aw: Awaitable[T]) -> T:
+        """Await a Redis operation within the budget; any failure becomes StoreError."""
+        try:
+            async with asyncio.timeout(self._budget()):
+                return await aw
+        except (StoreError, LockError):  # LockError: the lock's owner check, for the caller
+            raise
+        except _FAILURES as e:
+            raise self.failure(e) from None
+
+    def service(self, name: str) -> "RedisDocs":
+        return RedisDocs(self, name)
+
+    async def ping(self) -> None:
+        await self.call(self.client().ping())
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(BaseException):
+                await self._listener
+            self._listener = None
+        if self._redis is not None:
+            r, self._redis = self._redis, None
+            with contextlib.suppress(*_FAILURES):
+                await (r.aclose() if hasattr(r, "aclose") else r.close())
+
+    # ----------------------------------------------------------------- release messages
+
+    async def _ensure_listener(self) -> None:
+        """Start the pub/sub listener if it is not running, and give it up to the
+        timeout to be subscribed (if it is not, waiters still retry every SAFETY_NET)."""
+        if self._subscribed is None:
+            self._subscribed = asyncio.Event()
+        if self._listener is None or self._listener.done():
+            self._listener = asyncio.get_running_loop().create_task(self._listen(), name="authproxy-store-released")
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._subscribed.wait(), self.cfg.timeout)
+
+    async def _listen(self) -> None:
+        """Pattern-subscribe to every release of this prefix and wake the waiters of
+        each; on any failure (Redis restarted, unreachable) subscribe again with
+        backoff, waking every waiter once subscribed since messages may have been missed."""
+        assert self._subscribed is not None
+        pattern = f"{self.prefix}released:*".encode()
+        delay = _LISTEN_BACKOFF[0]
+        warned = False
+        while not self._closed:
+            pubsub = self.client().pubsub()
+            try:
+                await pubsub.psubscribe(pattern)
+                while True:
+                    msg = await pubsub.get_message(timeout=5.0)
+                    if msg is None:
+                        continue
+                    if msg["type"] == "psubscribe":
+                        # the first subscription, or redis-py's own re-subscription
+                        self._subscribed.set()
+                        self._wake_all()
+                        delay, warned = _LISTEN_BACKOFF[0], False
+                    elif msg["type"] == "pmessage":
+                        for ev in self._waiters.get(msg["channel"], ()):
+                            ev.set()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - whatever broke, subscribe again
+                self._subscribed.clear()
+                if not warned:
+                    log.warning("store %s: release messages interrupted (%s); subscribing again", self.where, self.failure(e))
+                    warned = True
+            finally:
+                with contextlib.suppress(BaseException):
+                    await (pubsub.aclose() if hasattr(pubsub, "aclose") else pubsub.reset())
+            self._wake_all()
+            await asyncio.sleep(delay)
+            delay = min(_LISTEN_BACKOFF[1], delay * 2)
+
+    def _wake_all(self) -> None:
+        for events in self._waiters.values():
+            for ev in events:
+                ev.set()
+
+    @contextlib.contextmanager
+    def _waiting(self, channel: bytes) -> Any:
+        ev = asyncio.Event()
+        self._waiters.setdefault(channel, set()).add(ev)
+        try:
+            yield ev
+        finally:
+            events = self._waiters.get(channel)
+            if events is not None:
+                events.discard(ev)
+                if not events:
+                    del self._waiters[channel]
+
+
+class RedisDocs:
+    """One service's documents in Redis (see the module docstring for the layout)."""
+
+    def __init__(self, store: RedisStore, service: str) -> None:
+        self.store = store
+        self.service = service
+        self.where = f"{store.url} {store.prefix}{service}"
+
+    def key(self, name: str) -> str:
+        return f"{self.store.prefix}{self.service}:{_check_name(name)}"
+
+    async def get(self, name: str) -> Any | None:
+        key = self.key(name)
+        ct, _tag = await self.store.call(self.store.client().hmget(key, [b"ct", b"tag"]))
+        if ct is None:
+            return None
+        plain = self.store.cipher.open(ct, key.encode())
+        try:
+            return json.loads(plain)
+        except ValueError:
+            raise StoreError(f"{key} in store {self.store.where} is not valid JSON") from None
+
+    async def put(self, name: str, doc: Any, *, ttl: float | None = None, tag: str | None = None) -> None:
+        key = self.key(name)
+        if ttl is not None and ttl <= 0:  # already expired: what a reader would see is nothing
+            await self.store.call(self.store.client().delete(key))
+            return
+        fields = {
+            b"ct": self.store.cipher.seal(json.dumps(doc, separators=(",", ":"), sort_keys=True).encode(), key.encode()),
+            b"ver": secrets.token_hex(8).encode(),
+        }
+        if tag is not None:
+            fields[b"tag"] = tag.encode()
+
+        async def write() -> None:
+            async with self.store.client().pipeline(transaction=True) as pipe:
+                pipe.delete(key)  # no field of an older version (its tag) survives
+                pipe.hset(key, mapping=fields)  # type: ignore[arg-type]
+                if ttl is not None:
+                    pipe.pexpire(key, max(1, int(ttl * 1000)))
+                await pipe.execute()
+
+        await self.store.call(write())
+
+    async def delete(self, name: str, *, if_tag: str | None = None) -> bool:
+        key = self.key(name)
+        client = self.store.client()
+        if if_tag is None:
+            return bool(await self.store.call(client.delete(key)))
+        return bool(await self.store.call(self.store._delete_if_tag(keys=[key], args=[if_tag])))
+
+    async def version(self, name: str) -> Any:
+        ver = await self.store.call(self.store.client().hget(self.key(name), b"ver"))
+        return None if ver is None else ver.decode()
+
+    def fingerprint(self, value: str) -> str:
+        return self.store.cipher.fingerprint(value)
+
+    @contextlib.asynccontextmanager
+    async def lock(self, name: str, wait: float | None = None) -> AsyncIterator[None]:
+        """Hold ``{prefix}lock:{service}:{name}`` (see the module docstring). Raises
+        StoreError when the store is unreachable or ``wait`` runs out."""
+        st = self.store
+        lock_name = f"{st.prefix}lock:{self.service}:{_check_name(name)}"
+        channel = f"{st.prefix}released:{self.service}:{name}".encode()
+        ttl = LOCK_TTL  # read now: tests make it short
+        lock = Lock(st.client(), lock_name, timeout=ttl, blocking=False, thread_local=False)
+        await self._acquire(lock, lock_name, channel, wait)
+        lost = asyncio.Event()
+        renewer = asyncio.get_running_loop().create_task(self._renew(lock, lock_name, ttl, lost), name="authproxy-store-renew")
+        try:
+            yield
+        finally:
+            renewer.cancel()
+            with contextlib.suppress(BaseException):
+                await renewer
+            await self._release(lock, lock_name, channel, lost)
+
+    async def _try(self, lock: Lock) -> bool:
+        return bool(await self.store.call(lock.acquire(blocking=False, token=secrets.token_hex(16))))
+
+    async def _acquire(self, lock: Lock, lock_name: str, channel: bytes, wait: float | None) -> None:
+        if await self._try(lock):
+            return
+        loop = asyncio.get_running_loop()
+        deadline = None if wait is None else loop.time() + wait
+        await self.store._ensure_listener()
+        with self.store._waiting(channel) as released:
+            while True:
+                released.clear()  # before trying: a release after the try must wake us
+                if await self._try(lock):
+                    return
+                left = SAFETY_NET if deadline is None else min(SAFETY_NET, deadline - loop.time())
+                if left <= 0:
+                    raise StoreError(f"{lock_name} in store {self.store.where} stayed locked by another process for {wait:g}s")
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(released.wait(), left)
+
+    async def _renew(self, lock: Lock, lock_name: str, ttl: float, lost: asyncio.Event) -> None:
+        """Keep the lock while it is held: reset its expiry every ttl/3. A renewal that
+        fails for a moment is tried again; one that finds the lock gone says so once."""
+        while True:
+            await asyncio.sleep(ttl / 3)
+            try:
+                await self.store.call(lock.reacquire())
+            except (LockNotOwnedError, LockError):
+                log.warning("store %s: lock %s expired while held (another process may hold it now)", self.store.where, lock_name)
+                lost.set()
+                return
+            except StoreError as e:
+                log.warning("store %s: could not renew lock %s: %s", self.store.where, lock_name, e)
+
+    async def _release(self, lock: Lock, lock_name: str, channel: bytes, lost: asyncio.Event) -> None:
+        """Release if still ours (compare-and-delete), then tell the waiters. A lock that
+        expired meanwhile is logged once, never raised: the work under it is done."""
+        try:
+            await self.store.call(lock.release())
+        except (LockNotOwnedError, LockError):
+            if not lost.is_set():
+                log.warning("store %s: lock %s had expired when released (held longer than its ttl without renewal)", self.store.where, lock_name)
+            return
+        except StoreError as e:
+            # It expires by itself within LOCK_TTL; failing the caller's finished work helps no one.
+            log.warning("store %s: could not release lock %s (it expires by itself): %s", self.store.where, lock_name, e)
+            return
+        with contextlib.suppress(StoreError):
+            await self.store.call(self.store.client().publish(channel, b"1"))
