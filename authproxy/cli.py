@@ -181,11 +181,15 @@ async def _with_runtime(config: Config, name: str, step: Callable[[Any], Awaitab
     from authproxy.credentials import Unavailable
     from authproxy.runtime import ServiceRuntime
     from authproxy.schemes.base import CredentialError, NotSupported
-    from authproxy.state import StateDir
+    from authproxy.store import StoreError, open_store
 
-    rt = ServiceRuntime(config.services[name], StateDir(config.state_dir))
+    store = open_store(config)
+    rt = ServiceRuntime(config.services[name], store)
     try:
         return await step(rt)
+    except StoreError as e:
+        print(f"authproxy: {name}: {e}", file=sys.stderr)
+        return EXIT_FAIL
     except NotSupported as e:
         print(f"authproxy: {name}: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -197,6 +201,7 @@ async def _with_runtime(config: Config, name: str, step: Callable[[Any], Awaitab
         return EXIT_FAIL
     finally:
         await rt.close(revoke=False)
+        await store.close()
 
 
 async def _token(rt: Any, as_json: bool, obo: str | None) -> int:

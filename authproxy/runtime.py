@@ -14,13 +14,19 @@ import ssl
 
 import aiohttp
 
+from typing import TYPE_CHECKING
+
 from authproxy.service_config import ServiceConfig
 from authproxy.credentials import ServiceCredentials
 from authproxy.metrics import Metrics
 from authproxy.http1.pool import Pool
 from authproxy.schemes import SCHEMES
 from authproxy.schemes.base import Scheme, SchemeContext
-from authproxy.state import StateDir
+from authproxy.store.base import Store
+
+REVOKE_BUDGET = 5.0  # seconds for all logoff/expire steps at shutdown
+if TYPE_CHECKING:
+    from authproxy.config import Config
 
 POOL_LIMIT = 512  # connections per upstream; beyond this requests queue for one
 KEEPALIVE = 30.0
@@ -54,7 +60,7 @@ def make_session(cfg: ServiceConfig, tls: ssl.SSLContext | None) -> aiohttp.Clie
 
 
 class ServiceRuntime:
-    def __init__(self, cfg: ServiceConfig, state: StateDir, metrics: Metrics | None = None) -> None:
+    def __init__(self, cfg: ServiceConfig, store: Store, metrics: Metrics | None = None) -> None:
         self.config = cfg
         self.name = cfg.name
         self.tls = ssl_context(cfg.ca_file) if cfg.upstream.scheme == "https" or cfg.ca_file else None
@@ -74,13 +80,13 @@ class ServiceRuntime:
         self.ctx = SchemeContext(
             cfg,
             self.session,
-            state.service(cfg.name),
+            store.service(cfg.name),
             logging.getLogger(f"authproxy.scheme.{cfg.scheme}"),
             self.tls,
         )
         scheme_cls = SCHEMES[cfg.scheme]
         self.scheme: Scheme = scheme_cls(self.ctx)
-        self.creds = ServiceCredentials(cfg.name, self.scheme, metrics)
+        self.creds = ServiceCredentials(cfg.name, self.scheme, metrics, shared=store.shared)
         self.inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -110,3 +116,25 @@ class ServiceRuntime:
             await self.pool.close()
             await self.session.close()
 
+
+
+async def revoke_at_exit(config: "Config") -> None:
+    """The exit steps of a set of workers sharing the state dir, run by their supervisor
+    once every worker has stopped: log off / expire what they created (bounded to
+    REVOKE_BUDGET in all). With a Redis store this does nothing: those credentials
+    belong to the fleet, and ``authproxy logout`` revokes them."""
+    if config.store is not None:
+        return
+    from authproxy.store.statedir import StateDirStore
+
+    store = StateDirStore(config.state_dir, shared=True)
+    runtimes = [ServiceRuntime(svc, store) for svc in config.services.values()]
+    try:
+        todo = [rt.creds.revoke_created() for rt in runtimes if rt.scheme.revoke_on_exit]
+        if todo:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*todo, return_exceptions=True), REVOKE_BUDGET)
+    finally:
+        for rt in runtimes:
+            with contextlib.suppress(Exception):
+                await rt.close(revoke=False)

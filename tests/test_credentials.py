@@ -15,7 +15,7 @@ import pytest
 from authproxy.credentials import BACKOFF_CAP, ServiceCredentials, Unavailable, backoff_delay
 from authproxy.schemes.base import Credential, CredentialError, LoginRequired, Scheme
 from authproxy.secret import Secret
-from authproxy.state import StateDir
+from authproxy.store.statedir import StateDirStore
 
 
 class Clock:
@@ -98,7 +98,7 @@ def clock() -> Clock:
 
 @pytest.fixture
 def store(tmp_path: Path):
-    return StateDir(tmp_path / "state").service("svc")
+    return StateDirStore(str(tmp_path / "state")).service("svc")
 
 
 async def test_single_flight_for_many_waiters(store, clock):
@@ -244,7 +244,7 @@ async def test_created_credentials_persist_and_are_revoked_at_exit(store, clock)
     assert scheme2.calls == 0
     await creds2.shutdown()
     assert sorted(scheme2.revoked) == sorted([a.token.reveal(), u.token.reveal()])
-    assert store.get("credentials") is None
+    assert (await store.get("credentials")) is None
 
 
 async def test_expired_records_are_not_reused(store, clock):
@@ -268,7 +268,7 @@ async def test_logout_revokes_and_forgets(store, clock):
     creds2 = ServiceCredentials("svc", FakeScheme(store, clock), clock=clock)
     assert await creds2.logout() == 1
     assert creds2.scheme.revoked == [a.token.reveal()]  # type: ignore[attr-defined]
-    assert store.get("credentials") is None
+    assert (await store.get("credentials")) is None
 
 
 def test_credential_repr_hides_secret() -> None:
@@ -284,8 +284,9 @@ async def test_records_of_two_processes_are_merged_not_overwritten(store, clock)
     a = await proxy_side.get("u1")
     b = await cli_side.get("u2")
     c = await proxy_side.get("u3")  # saved after the CLI's write: must keep b
-    tokens = {r["token"] for r in store.get("credentials")["credentials"]}
+    tokens = {r["token"] for r in (await store.get("credentials"))["credentials"]}
     assert tokens == {a.token.reveal(), b.token.reveal(), c.token.reveal()}
     proxy_side.rejected(a)  # forgotten here: not brought back from the file
-    tokens = {r["token"] for r in store.get("credentials")["credentials"]}
+    await proxy_side.settled()
+    tokens = {r["token"] for r in (await store.get("credentials"))["credentials"]}
     assert tokens == {b.token.reveal(), c.token.reveal()}

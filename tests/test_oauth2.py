@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from authproxy.config import ConfigError, load_config_text
 from authproxy.runtime import ServiceRuntime
 from authproxy.schemes.base import CliIO, CredentialError
-from authproxy.state import StateDir
+from authproxy.store.statedir import StateDirStore
 from authproxy.testing import oauth2 as mock
 from tests.conftest import CAPTURED, free_port, run_cli, secret, wait_for, write_config
 
@@ -91,7 +91,7 @@ def code_service(base: str, **auth: Any) -> dict[str, Any]:
 
 def open_runtime(state_dir: Path, name: str, svc: dict[str, Any]) -> ServiceRuntime:
     cfg = load_config_text(yaml.safe_dump({"state_dir": str(state_dir), "services": {name: svc}}), env={})
-    return ServiceRuntime(cfg.services[name], StateDir(cfg.state_dir))
+    return ServiceRuntime(cfg.services[name], StateDirStore(cfg.state_dir))
 
 
 def fetch_oob_code(url: str) -> str:
@@ -369,7 +369,7 @@ async def test_a_rotated_refresh_token_the_state_dir_refused_is_kept_and_used_ne
     """The new refresh token is stored before the access token is used; if the store
     fails, the access token is held back and the unsaved refresh token is used next."""
     from authproxy.credentials import Unavailable
-    from authproxy.state import StateError
+    from authproxy.store.base import StoreError
 
     base, st = await auth_server()
     svc = code_service(base)
@@ -379,8 +379,8 @@ async def test_a_rotated_refresh_token_the_state_dir_refused_is_kept_and_used_ne
         store = rt.ctx.store
         real_put = store.put
 
-        def failing_put(name: str, doc: Any) -> None:
-            raise StateError("cannot write refresh.json: No space left on device")
+        async def failing_put(name: str, doc: Any, **kw: Any) -> None:
+            raise StoreError("cannot write refresh.json: No space left on device")
 
         monkeypatch.setattr(store, "put", failing_put)
         with pytest.raises(Unavailable, match="cannot store the new refresh token"):

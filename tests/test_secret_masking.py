@@ -23,7 +23,7 @@ from aiohttp import web
 from authproxy.credentials import ServiceCredentials, Unavailable
 from authproxy.schemes.base import Credential, CredentialError, Scheme
 from authproxy.secret import MASK, Redactor, Secret, UrlMasker, mask_url, redact, redactor_for
-from authproxy.state import StateDir
+from authproxy.store.statedir import StateDirStore
 from tests.conftest import CAPTURED, secret, wait_for
 
 # Every character some encoding treats specially: space (+ / %20), + & = @ / (quote
@@ -223,7 +223,7 @@ class _EchoingScheme(Scheme):
 async def test_manager_masks_last_error_and_messages_even_if_a_scheme_did_not(tmp_path: Any, encoding: str) -> None:
     form = encodings(PASSWORD)[encoding]
     start = len(CAPTURED)
-    creds = ServiceCredentials("svc", _EchoingScheme(StateDir(tmp_path).service("svc"), f"upstream said: got {form}"))
+    creds = ServiceCredentials("svc", _EchoingScheme(StateDirStore(str(tmp_path)).service("svc"), f"upstream said: got {form}"))
     with pytest.raises(Unavailable) as e:
         await creds.get(None)
     assert_absent(PASSWORD, "the 503 message", e.value.message)

@@ -38,12 +38,12 @@ from authproxy.proxy.policy import Policy
 from authproxy.proxy.routing import Router
 from authproxy.runtime import ServiceRuntime
 from authproxy.secret import CALLBACK_PARAMS, Redactor, UrlMasker, collect_secrets
-from authproxy.state import StateDir
+from authproxy.store import Store, open_store
 from authproxy.tracing import tracing
 
 log = logging.getLogger("authproxy.proxy")
 
-REVOKE_BUDGET = 5.0  # seconds for all logoff/expire steps at shutdown
+from authproxy.runtime import REVOKE_BUDGET
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
 
 
@@ -62,6 +62,7 @@ class ProxyServer:
         self._idle = asyncio.Event()
         self._idle.set()
         self._retiring: set[asyncio.Task[None]] = set()
+        self.store: Store | None = None  # where credentials live (built with the runtimes)
         # Logged URLs: each service's credential parameters and every configured secret
         # (in any encoding) masked; built once per config load, not per request.
         self._url_maskers: dict[str, UrlMasker] = {}
@@ -75,10 +76,14 @@ class ProxyServer:
 
     # ------------------------------------------------------------------ building
     def _build(self, config: Config, keep: dict[str, ServiceRuntime]) -> dict[str, ServiceRuntime]:
-        state = StateDir(config.state_dir)
+        if self.store is None or (config.store, config.state_dir) != (self.config.store, self.config.state_dir):
+            # One store per configuration of it (a reload that keeps it keeps its connections).
+            if self.store is not None:
+                self._close_later(self.store)
+            self.store = open_store(config)
         runtimes: dict[str, ServiceRuntime] = {}
         for name, svc in config.services.items():
-            runtimes[name] = keep.get(name) or ServiceRuntime(svc, state, self.metrics)
+            runtimes[name] = keep.get(name) or ServiceRuntime(svc, self.store, self.metrics)
         return runtimes
 
     def _install(self, config: Config, runtimes: dict[str, ServiceRuntime]) -> None:
@@ -149,7 +154,8 @@ class ProxyServer:
             if new.listen != self.config.listen:
                 log_event(log, logging.WARNING, "reload_listen_ignored", reason="changing listen needs a restart", listen=str(self.config.listen))
             new = _replace_listen(new, self.config.listen)
-            keep = {n: rt for n, rt in self.runtimes.items() if n in new.services and new.services[n] == rt.config and new.state_dir == self.config.state_dir}
+            same_store = (new.store, new.state_dir) == (self.config.store, self.config.state_dir)
+            keep = {n: rt for n, rt in self.runtimes.items() if same_store and n in new.services and new.services[n] == rt.config}
             old = self.runtimes
             old_log = self.config.log
             runtimes = self._build(new, keep)
@@ -159,7 +165,7 @@ class ProxyServer:
                 setup_logging(new.log.level, new.log.format)  # only where this process set logging up
             for name, rt in runtimes.items():
                 if name in keep:
-                    rt.scheme.on_reload()
+                    await rt.scheme.reload()
                 else:
                     rt.creds.start()
             for name, rt in old.items():
@@ -175,6 +181,18 @@ class ProxyServer:
             return True
         finally:
             systemd.notify("READY=1")
+
+    def _close_later(self, store: Store) -> None:
+        """A store replaced by a reload: closed once the runtimes using it have retired."""
+
+        async def run() -> None:
+            await asyncio.sleep(self.config.shutdown_timeout + REVOKE_BUDGET)
+            with contextlib.suppress(Exception):
+                await store.close()
+
+        task = asyncio.ensure_future(run())
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
 
     def _retire(self, rt: ServiceRuntime, revoke: bool = True) -> None:
         async def run() -> None:
@@ -212,6 +230,9 @@ class ProxyServer:
                 await rt.pool.close()
             with contextlib.suppress(Exception):
                 await rt.session.close()
+        if self.store is not None:
+            with contextlib.suppress(Exception):
+                await self.store.close()
         if self.config.listen.kind == "unix" and not listeners.handed:  # a worker's parent removes it
             with contextlib.suppress(OSError):
                 os.unlink(self.config.listen.path)

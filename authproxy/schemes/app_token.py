@@ -43,7 +43,7 @@ from authproxy.schemes.base import (
 )
 from authproxy.secret import Secret
 from authproxy.settings import FieldError
-from authproxy.state import StateError
+from authproxy.store.base import StoreError
 
 if TYPE_CHECKING:
     from authproxy.credentials import ServiceCredentials
@@ -142,14 +142,16 @@ class AppTokenScheme(Scheme):
         self._app_token_seen: float | None = -1.0  # the state doc's mtime last read (-1: never)
         self._app_generation = 0  # +1 each time the app token in use changes
         self._sent: dict[str | None, tuple[Credential, int]] = {}  # key → (token last sent, with which app token)
-        self._reload_app_token(initial=True)
+
+    async def prepare(self) -> None:
+        await self._reload_app_token(initial=True)
 
     def bind(self, credentials: "ServiceCredentials") -> None:
         self._manager = credentials
 
     # ------------------------------------------------------------------ what a scheme says
     async def obtain(self, key: str | None) -> Credential:
-        self._reload_app_token()  # a rotated app token is used from the next login on
+        await self._reload_app_token()  # a rotated app token is used from the next login on
         kept = self._still_good(key)
         if kept is not None:
             return kept
@@ -215,8 +217,8 @@ class AppTokenScheme(Scheme):
         service user's token at exit never races the OBO tokens it made)."""
         await self._expire(self.config.tokens_path, cred.token, auth=cred.token, app=self._app_token, what="expire token")
 
-    def on_reload(self) -> None:
-        self._reload_app_token()
+    async def reload(self) -> None:
+        await self._reload_app_token()
 
     # ------------------------------------------------------------------ the user token
     async def _user_token(self) -> Credential:
@@ -306,18 +308,21 @@ class AppTokenScheme(Scheme):
         raise self._failure(what, reply, target, quoted, auth)
 
     # ------------------------------------------------------------------ the rotated app token
-    def _reload_app_token(self, initial: bool = False) -> bool:
+    async def _reload_app_token(self, initial: bool = False) -> bool:
         """Use the app token `authproxy rotate` stored (made for this upstream, not
         expired), else the configured one. Cheap when nothing changed: one stat."""
-        store = self.ctx.store
-        mtime = store.mtime(APP_TOKEN_DOC)
+        try:
+            mtime = await self.ctx.store.version(APP_TOKEN_DOC)
+        except StoreError as e:
+            log_event(self.ctx.log, logging.WARNING, "app_token_unreadable", service=self.ctx.service.name, error=str(e))
+            return False
         lapsed = self._app_token_expires is not None and time.time() >= self._app_token_expires
         if mtime == self._app_token_seen and not lapsed:
             return False
         self._app_token_seen = mtime
         token, source, expires = self.config.app_token, "config", None
         if mtime is not None:
-            stored = self._stored_app_token()
+            stored = await self._stored_app_token()
             if stored is not None:
                 token, source, expires = stored
         changed = token != self._app_token
@@ -328,11 +333,11 @@ class AppTokenScheme(Scheme):
             log_event(self.ctx.log, logging.INFO, event, service=self.ctx.service.name, source=source)
         return changed and not initial
 
-    def _stored_app_token(self) -> tuple[Secret, str, float | None] | None:
+    async def _stored_app_token(self) -> tuple[Secret, str, float | None] | None:
         name = self.ctx.service.name
         try:
-            doc = self.ctx.store.get(APP_TOKEN_DOC)
-        except StateError as e:
+            doc = await self.ctx.store.get(APP_TOKEN_DOC)
+        except StoreError as e:
             log_event(self.ctx.log, logging.WARNING, "app_token_unreadable", service=name, error=str(e))
             return None
         if not isinstance(doc, dict) or not isinstance(doc.get("app_token"), str) or not doc["app_token"]:
@@ -353,14 +358,14 @@ class AppTokenScheme(Scheme):
         if seconds <= 0:
             raise NotSupported("--seconds must be greater than 0")
         try:
-            async with self.ctx.store.alocked(APP_TOKEN_DOC):  # one rotation at a time per state dir
+            async with self.ctx.store.lock(APP_TOKEN_DOC):  # one rotation at a time per store
                 await self._rotate(cli, seconds, expire_old)
-        except StateError as e:
+        except StoreError as e:
             raise CredentialError(str(e)) from None
 
     async def _rotate(self, cli: CliIO, seconds: int, expire_old: bool) -> None:
         name = self.ctx.service.name
-        self._reload_app_token()
+        await self._reload_app_token()
         old, old_source = self._app_token, self._app_token_source
         new = await self._create_app_token(seconds)
         try:
@@ -369,12 +374,12 @@ class AppTokenScheme(Scheme):
             await self._discard(new, old)
             raise CredentialError(f"the new app token did not work ({e.message}); it was expired again and not stored — the current one stays in use") from None
         try:
-            until = self._store_app_token(new, seconds)
-        except StateError:
+            until = await self._store_app_token(new, seconds)
+        except StoreError:
             await self._discard(new, old)  # a token nobody will ever use again must not stay valid
             raise
         cli.say(f"{name}: created a new app token, valid for {_duration(seconds)} (until {until}); {proof}.")
-        cli.say(f"{name}: stored it in {self.ctx.store.path / (APP_TOKEN_DOC + '.json')}; it now takes precedence over the configured app_token.")
+        cli.say(f"{name}: stored it in {self.ctx.store.where}; it now takes precedence over the configured app_token.")
         cli.say(f"{name}: a running proxy uses it after SIGHUP (kill -HUP PID, systemctl reload authproxy) or at its next login.")
         if not expire_old:
             cli.say(f"{name}: the previous app token ({_source(old_source)}) was left valid; --expire-old expires it.")
@@ -388,13 +393,13 @@ class AppTokenScheme(Scheme):
                 f"Keep the state dir, or put the new token into your configuration (`authproxy token {name} --json` shows it)."
             )
 
-    def _store_app_token(self, new: Secret, seconds: int) -> str:
+    async def _store_app_token(self, new: Secret, seconds: int) -> str:
         """Write the new app token durably (it may become the only working one) and use
         it from now on; returns its expiry, for people."""
         now = time.time()
         doc = {"identity": self.ctx.service.upstream.url, "app_token": new.reveal(), "created_at": now, "expires_at": now + seconds}
-        self.ctx.store.put(APP_TOKEN_DOC, doc)
-        self._reload_app_token()
+        await self.ctx.store.put(APP_TOKEN_DOC, doc)
+        await self._reload_app_token()
         return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(now + seconds))
 
     async def _create_app_token(self, seconds: int) -> Secret:

@@ -25,7 +25,7 @@ from authproxy.secret import Secret, redact
 
 if TYPE_CHECKING:
     from authproxy.service_config import ServiceConfig
-    from authproxy.state import ServiceStore
+    from authproxy.store.base import DocStore
 
 
 # --------------------------------------------------------------------------- credentials
@@ -156,13 +156,13 @@ class Reply:
 
 class SchemeContext:
     """What a scheme may use: the service's settings, an HTTP client bound to the
-    service's TLS and timeouts, its corner of the state dir, and a logger."""
+    service's TLS and timeouts, its corner of the store (state dir or Redis), and a logger."""
 
     def __init__(
         self,
         service: "ServiceConfig",
         http: aiohttp.ClientSession,
-        store: "ServiceStore",
+        store: "DocStore",
         log: logging.Logger | None = None,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
@@ -337,9 +337,13 @@ class Scheme:
     async def close(self) -> None:
         """Release what the scheme holds open (listeners etc.)."""
 
-    def on_reload(self) -> None:
+    async def prepare(self) -> None:
+        """Before the first credential is asked for: read what the scheme keeps in the
+        store (e.g. a rotated app token), which :meth:`apply` may need at once."""
+
+    async def reload(self) -> None:
         """SIGHUP with this service's config unchanged: re-read what the CLI may have
-        changed in the state dir (e.g. a rotated app token). Credentials stay."""
+        changed in the store (e.g. a rotated app token). Credentials stay."""
 
     def bind(self, credentials: Any) -> None:
         """Called once by the service's credential manager (``ServiceCredentials``). A

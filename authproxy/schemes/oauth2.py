@@ -27,7 +27,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping
+from typing import Any, AsyncIterator, Literal, Mapping
 from urllib.parse import urlsplit
 
 from authproxy.observe import log_event
@@ -39,7 +39,7 @@ from authproxy.schemes.rfc7523 import MAX_LIFETIME, AssertionSigner, KeyFileErro
 from authproxy.schemes.rfc8252 import OOB, parse_loopback
 from authproxy.secret import Secret
 from authproxy.settings import FieldError, FilePath
-from authproxy.state import StateError
+from authproxy.store.base import StoreError
 
 REFRESH_DOC = "refresh"  # the stored refresh token (and the lock around using it)
 WATCH_INTERVAL = 2.0  # while login_required: how often the state dir is checked for a new login
@@ -212,15 +212,19 @@ class OAuth2Scheme(Scheme):
         while self._dead is not None:
             await asyncio.sleep(WATCH_INTERVAL)
             dead = self._dead
-            if dead is not None and self.ctx.store.mtime(REFRESH_DOC) != dead[0]:
+            try:
+                changed = dead is not None and await self._version() != dead[0]
+            except CredentialError:
+                continue  # the store is unreachable: look again later
+            if changed:
                 await self._fetch_now()
 
     async def _fetch_now(self) -> None:
         with contextlib.suppress(Exception):
             await self._creds.get(None)
 
-    def on_reload(self) -> None:
-        """SIGHUP: re-read the key file (rotated under the same name) and the state dir."""
+    async def reload(self) -> None:
+        """SIGHUP: re-read the key file (rotated under the same name) and the store."""
         self.endpoint.auth = self._client_auth()
         self._dead = None
 
@@ -231,8 +235,8 @@ class OAuth2Scheme(Scheme):
         revoked = 0
         cfg: OAuth2Config = self.config
         store = self.ctx.store
-        async with store.alocked(REFRESH_DOC):
-            doc = self._read(REFRESH_DOC) or {}
+        async with self._locked(REFRESH_DOC):
+            doc = await self._read(REFRESH_DOC) or {}
             token = _stored_token(doc) if doc.get("identity") == self.identity() and not doc.get("rejected") else None
             if token is not None and cfg.revocation_url:
                 try:
@@ -251,8 +255,8 @@ class OAuth2Scheme(Scheme):
                     service=self.name,
                     note="no revocation_url: it stays valid at the server until it expires or is revoked there",
                 )
-            store.delete(REFRESH_DOC)
-            store.delete(LOGIN_DOC)
+            await store.delete(REFRESH_DOC)
+            await store.delete(LOGIN_DOC)
         self._dead = None
         self._unsaved = None
         self._handoff = None
@@ -272,10 +276,10 @@ class OAuth2Scheme(Scheme):
         handoff, self._handoff = self._handoff, None
         if handoff is not None and (handoff.expires_at is None or handoff.expires_at > time.time() + 1):
             return handoff
-        if self._dead is not None and self.ctx.store.mtime(REFRESH_DOC) == self._dead[0]:
+        if self._dead is not None and await self._version() == self._dead[0]:
             raise LoginRequired(self._dead[1])
-        async with self.ctx.store.alocked(REFRESH_DOC):
-            token = self._usable_refresh_token()
+        async with self._locked(REFRESH_DOC):
+            token = await self._usable_refresh_token()
             started = time.time()
             try:
                 reply = await self.endpoint.request(
@@ -283,20 +287,20 @@ class OAuth2Scheme(Scheme):
                 )
             except OAuthError as e:
                 if e.error == "invalid_grant":
-                    self._mark_rejected(e.message)
+                    await self._mark_rejected(e.message)
                     raise LoginRequired(e.message) from None
                 raise
             if reply.refresh_token is not None and reply.refresh_token != token:
-                self._store_refresh_token(reply.refresh_token)  # durable before the access token is used
+                await self._store_refresh_token(reply.refresh_token)  # durable before the access token is used
         return _credential(reply, started)
 
-    def _usable_refresh_token(self) -> Secret:
+    async def _usable_refresh_token(self) -> Secret:
         """The refresh token to present now, re-read inside the lock: another process may
         have rotated it since. Raises LoginRequired (and remembers why) when there is none."""
         if self._unsaved is not None:
-            self._store_refresh_token(self._unsaved)
-        mtime = self.ctx.store.mtime(REFRESH_DOC)  # before reading: a later change must not look seen
-        doc = self._read(REFRESH_DOC)
+            await self._store_refresh_token(self._unsaved)
+        mtime = await self._version()  # before reading: a later change must not look seen
+        doc = await self._read(REFRESH_DOC)
         reason: str | None = None
         token = _stored_token(doc)
         if doc is None:
@@ -314,35 +318,50 @@ class OAuth2Scheme(Scheme):
         assert token is not None
         return token
 
-    def _store_refresh_token(self, token: Secret) -> None:
+    async def _store_refresh_token(self, token: Secret) -> None:
         """Write the refresh token durably (temp file, fsync, rename, 0600). If the state
         dir refuses, keep it in memory and hold the access token back: handing out
         access while the only valid refresh token lives in RAM would lose the grant on exit."""
         doc = {"identity": self.identity(), "refresh_token": token.reveal(), "stored_at": time.time(), "rejected": None}
         try:
-            self.ctx.store.put(REFRESH_DOC, doc)
-        except StateError as e:
+            await self.ctx.store.put(REFRESH_DOC, doc)
+        except StoreError as e:
             self._unsaved = token
             raise CredentialError(f"cannot store the new refresh token ({e}); retrying") from None
         self._unsaved = None
         self._dead = None
 
-    def _mark_rejected(self, message: str) -> None:
+    async def _mark_rejected(self, message: str) -> None:
         """Record in the state dir that the stored refresh token is dead, so that no
         process presents it again (a restart, ``authproxy token``) until a new login."""
-        doc = self.read_quiet(REFRESH_DOC) if self._unsaved is None else None
+        doc = await self.read_quiet(REFRESH_DOC) if self._unsaved is None else None
         if isinstance(doc, dict):
             doc["rejected"] = message
             try:
-                self.ctx.store.put(REFRESH_DOC, doc)
-            except StateError:
+                await self.ctx.store.put(REFRESH_DOC, doc)
+            except StoreError:
                 pass
-        self._dead = (self.ctx.store.mtime(REFRESH_DOC), f"the stored refresh token was refused ({message})")
+        self._dead = (await self._version(), f"the stored refresh token was refused ({message})")
 
-    def _read(self, name: str) -> dict[str, Any] | None:
+    async def _version(self) -> Any:
         try:
-            doc = self.ctx.store.get(name)
-        except StateError as e:
+            return await self.ctx.store.version(REFRESH_DOC)
+        except StoreError as e:
+            raise CredentialError(str(e)) from None
+
+    @contextlib.asynccontextmanager
+    async def _locked(self, name: str) -> AsyncIterator[None]:
+        """The store's lock on ``name``; a store that cannot be reached is a credential failure."""
+        try:
+            async with self.ctx.store.lock(name):
+                yield
+        except StoreError as e:
+            raise CredentialError(str(e)) from None
+
+    async def _read(self, name: str) -> dict[str, Any] | None:
+        try:
+            doc = await self.ctx.store.get(name)
+        except StoreError as e:
             raise CredentialError(str(e)) from None
         return doc if isinstance(doc, dict) else None
 
@@ -362,9 +381,9 @@ class OAuth2Scheme(Scheme):
                 "the server issued no refresh token, so authproxy could not renew access once this one expires "
                 "(some servers want an offline_access scope, or refresh tokens enabled for the client)"
             )
-        async with self.ctx.store.alocked(REFRESH_DOC):
-            old = self.read_quiet(REFRESH_DOC)
-            self._store_refresh_token(reply.refresh_token)
+        async with self._locked(REFRESH_DOC):
+            old = await self.read_quiet(REFRESH_DOC)
+            await self._store_refresh_token(reply.refresh_token)
         self._handoff = _credential(reply, started)
         if not isinstance(old, dict) or old.get("identity") != self.identity() or old.get("rejected"):
             return
@@ -378,10 +397,10 @@ class OAuth2Scheme(Scheme):
         if self._creds is not None:
             self._nudge = asyncio.ensure_future(self._fetch_now())
 
-    def read_quiet(self, name: str) -> Any:
+    async def read_quiet(self, name: str) -> Any:
         try:
-            return self.ctx.store.get(name)
-        except StateError:
+            return await self.ctx.store.get(name)
+        except StoreError:
             return None
 
     async def _revoke_quietly(self, token: Secret) -> None:

@@ -28,7 +28,7 @@ from authproxy.schemes.base import CliIO, CredentialError, NotSupported
 from authproxy.schemes.rfc6749 import clean_text
 from authproxy.schemes.rfc8252 import OOB, LoopbackAddress, LoopbackReceiver, parse_loopback
 from authproxy.secret import Secret
-from authproxy.state import StateError
+from authproxy.store.base import StoreError
 
 if TYPE_CHECKING:
     from authproxy.schemes.oauth2 import OAuth2Scheme
@@ -107,10 +107,10 @@ class CodeLogin:
         self.config = scheme.config
         self.name = scheme.name
 
-    def _read_pending(self) -> "PendingLogin | None":
+    async def _read_pending(self) -> "PendingLogin | None":
         try:
-            return PendingLogin.from_doc(self.ctx.store.get(LOGIN_DOC))
-        except StateError:
+            return PendingLogin.from_doc(await self.ctx.store.get(LOGIN_DOC))
+        except StoreError:
             return None
 
     # ------------------------------------------------------------------ authproxy login
@@ -130,7 +130,7 @@ class CodeLogin:
         else:
             await self._login_loopback(cli, pending, url, parse_loopback(cfg.redirect_uri))
         cli.say(
-            f"Logged in: {self.name}'s refresh token is stored in {self.ctx.store.path} (0600).\n"
+            f"Logged in: {self.name}'s refresh token is stored in {self.ctx.store.where}.\n"
             f"A running proxy uses it from its next request; `authproxy token {self.name}` prints an access token."
         )
 
@@ -207,10 +207,10 @@ class CodeLogin:
         if not await self._proxy_answers(addr):
             raise CredentialError(f"{addr.display} (redirect_uri) is in use by a program that is not authproxy; stop it or pick another port")
         store = self.ctx.store
-        async with store.alocked(LOGIN_DOC):
+        async with store.lock(LOGIN_DOC):
             try:
-                store.put(LOGIN_DOC, pending.to_doc())
-            except StateError as e:
+                await store.put(LOGIN_DOC, pending.to_doc())
+            except StoreError as e:
                 raise CredentialError(str(e)) from None
         try:
             self._show_url(cli, url)
@@ -220,15 +220,15 @@ class CodeLogin:
             )
             await self._await_proxy(pending)
         finally:
-            async with store.alocked(LOGIN_DOC):
-                current = self._read_pending()
+            async with store.lock(LOGIN_DOC):
+                current = await self._read_pending()
                 if current is not None and current.state == pending.state:
-                    store.delete(LOGIN_DOC)
+                    await store.delete(LOGIN_DOC)
 
     async def _await_proxy(self, pending: PendingLogin) -> None:
         deadline = time.monotonic() + LOGIN_TIMEOUT
         while time.monotonic() < deadline:
-            current = self._read_pending()
+            current = await self._read_pending()
             if current is None or current.state != pending.state:
                 raise CredentialError("the login was replaced by another `authproxy login` or a logout")
             if current.status == "done":
@@ -259,7 +259,7 @@ class CodeLogin:
                 return claimed
             status, page, error = await self._finish(params, claimed)
             await self._settle_pending(claimed, error)
-        except StateError as e:
+        except StoreError as e:
             return 500, _html("State dir unusable", str(e))
         if error is None:
             self.scheme.use_login_now()
@@ -269,8 +269,8 @@ class CodeLogin:
         """The pending login this response answers, marked as being exchanged so that a
         second delivery cannot present the code again; or the page refusing it."""
         store = self.ctx.store
-        async with store.alocked(LOGIN_DOC):
-            pending = PendingLogin.from_doc(store.get(LOGIN_DOC))
+        async with store.lock(LOGIN_DOC):
+            pending = PendingLogin.from_doc(await store.get(LOGIN_DOC))
             if pending is None or pending.expired:
                 return 400, _html("No login in progress", f"No `authproxy login {self.name}` is waiting for this response. Run it, then try again.")
             if not pending.matches(state):
@@ -280,20 +280,20 @@ class CodeLogin:
             if pending.identity != self.scheme.identity():
                 pending.status = "failed"
                 pending.error = "the running proxy's configuration of this service differs from the one `authproxy login` used; reload the proxy (SIGHUP) first"
-                store.put(LOGIN_DOC, pending.to_doc())
+                await store.put(LOGIN_DOC, pending.to_doc())
                 return 409, _html("Configuration differs", pending.error)
             pending.status = "exchanging"
-            store.put(LOGIN_DOC, pending.to_doc())
+            await store.put(LOGIN_DOC, pending.to_doc())
             return pending
 
     async def _settle_pending(self, pending: PendingLogin, error: str | None) -> None:
         """Tell the waiting ``authproxy login`` how it went (it polls the record)."""
         store = self.ctx.store
-        async with store.alocked(LOGIN_DOC):
-            current = PendingLogin.from_doc(store.get(LOGIN_DOC))
+        async with store.lock(LOGIN_DOC):
+            current = PendingLogin.from_doc(await store.get(LOGIN_DOC))
             if current is not None and current.state == pending.state:
                 current.status, current.error = ("failed", error) if error else ("done", None)
-                store.put(LOGIN_DOC, current.to_doc())
+                await store.put(LOGIN_DOC, current.to_doc())
 
     async def _finish(self, params: Mapping[str, str], pending: PendingLogin) -> tuple[int, str, str | None]:
         """Check an authorization response whose state matched, exchange its code and

@@ -30,6 +30,7 @@ class StateDirDocs:
 
     def __init__(self, files: ServiceStore) -> None:
         self.files = files
+        self.path = files.path  # the service's folder in the state dir
         self.where = str(files.path)
 
     async def get(self, name: str) -> Any | None:

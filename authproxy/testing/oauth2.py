@@ -155,6 +155,7 @@ class OAuth2State:
     token_params: list[dict[str, str]] = field(default_factory=list)  # each request's form, secret values as ***
     refresh_tokens_presented: list[str] = field(default_factory=list)
     refresh_reuse: int = 0  # rotated-out refresh tokens presented (each kills a grant)
+    token_requests_abandoned: int = 0  # its client went away during token_delay: never processed
     revocations: list[str] = field(default_factory=list)  # token_type_hint of each revocation
     authorize_requests: int = 0
     api_ok: int = 0
@@ -353,7 +354,13 @@ def _verify_assertion(request: web.Request, form: dict[str, str]) -> Client:
 async def _token(request: web.Request) -> web.Response:
     st = request.app[STATE]
     if st.token_delay:
+        # A busy server: the request waits before it is read. A client that went away
+        # meanwhile (killed, timed out) left nothing to process — its refresh token
+        # was never presented, so it is not rotated either.
         await asyncio.sleep(st.token_delay)
+        if request.transport is None or request.transport.is_closing():
+            st.token_requests_abandoned += 1
+            return web.Response(status=499, text="client closed the request\n")
     if request.method != "POST":
         return web.Response(status=405, headers={"Allow": "POST"}, text="POST only\n")
     try:

@@ -4,8 +4,14 @@ Like Vault Agent's auto-auth, one object per service owns the cached
 credential(s), single-flight fetching (one request upstream however many
 clients wait), proactive refresh before expiry, exponential backoff with jitter
 after failures, the service's visible state, the record of credentials
-authproxy created (persisted, so a restart reuses them and an exit revokes
+authproxy created (:mod:`.records`: a restart reuses them, an exit revokes
 them), and shutdown. Schemes never see any of this.
+
+When several processes serve (``workers: N``, replicas on Redis) the credential
+is shared through the store (:mod:`.shared`): a fetch first reads what another
+process stored, and otherwise obtains under the store's lock, so the whole
+fleet makes one credential request where one process would. With a shared
+store a process's exit revokes nothing: the credentials are everyone's.
 """
 
 from __future__ import annotations
@@ -22,11 +28,13 @@ from typing import Any, Callable
 
 from cachetools import TLRUCache
 
+from authproxy.credentials.records import CreatedRecords
+from authproxy.credentials.shared import SharedSlots
 from authproxy.metrics import Metrics
 from authproxy.observe import log_event
 from authproxy.schemes.base import Credential, CredentialError, LoginRequired, Scheme, UpstreamReply
 from authproxy.secret import Secret, redactor_for
-from authproxy.state import StateError
+from authproxy.store.base import StoreError
 from authproxy.tracing import tracing
 
 log = logging.getLogger("authproxy.credentials")
@@ -35,7 +43,7 @@ BACKOFF_CAP = 60.0
 BACKOFF_FIRST = 1.0  # after a transient failure (connection, timeout, 5xx)
 BACKOFF_FIRST_REFUSED = 10.0  # after a refusal (bad password): never hammer an account
 MAX_KEYED = 10_000  # on-behalf-of users kept in memory at once
-RECORDS = "credentials"
+LOCK_SLACK = 15.0  # a shared fetch waits for another process's fetch up to its timeout plus this
 
 
 class Unavailable(Exception):
@@ -69,6 +77,7 @@ class ServiceCredentials:
         scheme: Scheme,
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.time,
+        shared: bool = False,
     ) -> None:
         self.name = name
         self.scheme = scheme
@@ -79,8 +88,6 @@ class ServiceCredentials:
         )
         self._svc: Credential | None = None  # the service's own credential, mirrored for the hot path
         self._inflight: dict[str | None, asyncio.Future[Credential]] = {}
-        self._created: dict[str, Credential] = {}  # token → credential, for revocation
-        self._forgotten: set[str] = set()  # removed here since the last save (revoked, rejected, expired)
         self._failures = 0
         self._retry_at = 0.0
         self._error: str | None = None
@@ -90,8 +97,32 @@ class ServiceCredentials:
         self._revocations: set[asyncio.Task[None]] = set()
         self._closed = False
         self._identity = scheme.identity()
+        store = scheme.ctx.store
+        self.records = CreatedRecords(name, store, self._identity, scheme.persist_created, clock)
+        # Several processes share the credentials: read what they stored, fetch under the lock.
+        self.shared = SharedSlots(store, self._identity, clock) if shared else None
+        self._rejected: dict[str | None, str] = {}  # key → fingerprint of the token last rejected here
+        self._reusable: dict[str | None, Credential] = {}  # recorded credentials not yet adopted (shared mode)
+        self._loaded: asyncio.Future[None] | None = None
         scheme.bind(self)
-        self._load_records()
+
+    async def _ensure_loaded(self) -> None:
+        """Read what the store keeps (once): the scheme's documents, then the record of
+        created credentials, whose newest valid one per key is used again."""
+        if self._loaded is None:
+            self._loaded = asyncio.ensure_future(self._load())
+        await asyncio.shield(self._loaded)
+
+    async def _load(self) -> None:
+        await self.scheme.prepare()
+        newest = await self.records.load()
+        if self.shared is not None:
+            self._reusable = newest  # the store's current one comes first (see _obtain_shared)
+            return
+        for key, cred in newest.items():
+            self._put(key, cred)
+        if newest:
+            log_event(log, logging.INFO, "state_reused", service=self.name, credentials=len(newest))
 
     # ------------------------------------------------------------------ cache helpers
     @staticmethod
@@ -139,6 +170,8 @@ class ServiceCredentials:
 
     async def get(self, key: str | None = None) -> Credential:
         """The credential to use now: cached, or fetched once for all who wait."""
+        if self._loaded is None or not self._loaded.done():
+            await self._ensure_loaded()
         cred = self._cache.get(key)
         if cred is not None:
             refresh_at = self._refresh_at(cred)
@@ -168,8 +201,11 @@ class ServiceCredentials:
         if self._cache.get(key) is cred:
             self._drop(key)
             self.scheme.on_rejected(cred)
-        if self._forget(cred.token.reveal()):
-            self._save_records()
+            if self.shared is not None:
+                self._rejected[key] = self.shared.fingerprint(cred)
+                self._background(self._invalidate_shared(key, cred))
+        if self.records.forget(cred.token.reveal()):
+            self._background(self.records.save())
         log_event(log, logging.INFO, "credential_rejected", service=self.name, key=key)
 
     # ------------------------------------------------------------------ fetching
@@ -190,11 +226,12 @@ class ServiceCredentials:
     async def _fetch(self, key: str | None) -> Credential:
         old = self._cache.get(key)
         started = self.clock()
+        adopted = False
         try:
-            if tracing.enabled:  # an INTERNAL span, a child of the request that caused the fetch
-                cred = await tracing.credential_fetch(self.scheme.obtain(key), self.name, type(self.scheme).__name__)
+            if self.shared is None:
+                cred = await self._obtain(key)
             else:
-                cred = await self.scheme.obtain(key)
+                cred, adopted = await self._obtain_shared(key, self.shared)
         except UpstreamReply:
             self._count("error")
             raise
@@ -222,11 +259,13 @@ class ServiceCredentials:
                 self._fail(err, "backoff")
             raise err from None
         cred.key = key
-        self._count("ok")
+        if not adopted:
+            self._count("ok")
         self._put(key, cred)
-        if cred.created and self.scheme.persist_created:
-            self._created[cred.token.reveal()] = cred
-            self._save_records()
+        if cred.created and self.scheme.persist_created and not self.records.has(cred):
+            self.records.add(cred)
+            if not adopted:  # the process that made it recorded it
+                await self.records.save()
         if key is None:
             self._failures = 0
             self._error = None
@@ -235,7 +274,7 @@ class ServiceCredentials:
         log_event(
             log,
             logging.INFO,
-            "token_fetched" if old is None else "token_refreshed",
+            "token_adopted" if adopted else "token_fetched" if old is None else "token_refreshed",
             service=self.name,
             key=key,
             expires_in=None if cred.expires_at is None else round(cred.expires_at - self.clock()),
@@ -244,6 +283,67 @@ class ServiceCredentials:
         if old is not None and old is not cred:
             self._retire(old)
         return cred
+
+    async def _obtain(self, key: str | None) -> Credential:
+        if tracing.enabled:  # an INTERNAL span, a child of the request that caused the fetch
+            return await tracing.credential_fetch(self.scheme.obtain(key), self.name, type(self.scheme).__name__)
+        return await self.scheme.obtain(key)
+
+    def _adoptable(self, key: str | None, cred: Credential | None) -> bool:
+        """A credential another process stored that this one may use as is: not the one
+        just rejected here, and not yet due for renewal (else renew it, under the lock)."""
+        if cred is None or self._rejected.get(key) == self.shared.fingerprint(cred):  # type: ignore[union-attr]
+            return False
+        refresh_at = self._refresh_at(cred)
+        return refresh_at is None or refresh_at > self.clock()
+
+    async def _obtain_shared(self, key: str | None, shared: SharedSlots) -> tuple[Credential, bool]:
+        """Read what another process stored; else take the store's lock, read again (it
+        may have been fetched while we waited), and only then ask the upstream.
+        → (credential, whether it was adopted rather than obtained here)."""
+        try:
+            cred = await shared.read(key)
+            if self._adoptable(key, cred):
+                self._rejected.pop(key, None)
+                return cred, True  # type: ignore[return-value]
+            wait = self.scheme.ctx.service.timeout.total + LOCK_SLACK
+            async with shared.lock(key, wait):
+                cred = await shared.read(key)
+                if self._adoptable(key, cred):
+                    self._rejected.pop(key, None)
+                    return cred, True  # type: ignore[return-value]
+                kept = self._reusable.pop(key, None)  # recorded before the store was shared
+                if kept is not None and self._adoptable(key, kept) and (kept.expires_at is None or kept.expires_at > self.clock()):
+                    new = kept
+                else:
+                    new = await self._obtain(key)
+                    new.key = key
+                try:
+                    await shared.write(key, new)
+                except StoreError as e:  # it still works here; the others will fetch their own
+                    log_event(log, logging.WARNING, "store_write_failed", service=self.name, key=key, error=str(e))
+                self._rejected.pop(key, None)
+                return new, False
+        except StoreError as e:
+            raise CredentialError(f"credential store: {e}") from None
+
+    async def _invalidate_shared(self, key: str | None, cred: Credential) -> None:
+        assert self.shared is not None
+        try:
+            if await self.shared.invalidate(key, cred):
+                log_event(log, logging.INFO, "shared_credential_invalidated", service=self.name, key=key)
+        except StoreError as e:
+            log_event(log, logging.WARNING, "store_write_failed", service=self.name, key=key, error=str(e))
+
+    async def settled(self) -> None:
+        """Wait for the background work started so far (record saves, revocations)."""
+        while self._revocations:
+            await asyncio.gather(*list(self._revocations), return_exceptions=True)
+
+    def _background(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._revocations.add(task)
+        task.add_done_callback(self._revocations.discard)
 
     def _fail(self, e: CredentialError, state: str) -> None:
         self._failures += 1
@@ -275,27 +375,24 @@ class ServiceCredentials:
         """A credential replaced while still valid: revoke it now if authproxy made it
         and the scheme wants that (an idle valid token is a liability)."""
         token = old.token.reveal()
-        if token not in self._created:
+        if not self.records.has(old):
             return
         still_valid = old.expires_at is None or old.expires_at > self.clock()
         if not (self.scheme.revoke_replaced and still_valid):
-            if not still_valid:
-                self._forget(token)
-                self._save_records()
+            if not still_valid and self.records.forget(token):
+                self._background(self.records.save())
             return
 
         async def run() -> None:
             try:
                 await self.scheme.revoke(old)
-                self._forget(token)
-                self._save_records()
+                self.records.forget(token)
+                await self.records.save()
                 log_event(log, logging.INFO, "token_revoked", service=self.name, key=old.key, reason="replaced")
             except CredentialError as e:
                 log_event(log, logging.WARNING, "token_revoke_failed", service=self.name, key=old.key, error=self.mask(e.message, old.key, old))
 
-        task = asyncio.ensure_future(run())
-        self._revocations.add(task)
-        task.add_done_callback(self._revocations.discard)
+        self._background(run())
 
     # ------------------------------------------------------------------ background refresh
     def start(self) -> None:
@@ -314,6 +411,8 @@ class ServiceCredentials:
         return self._refresh_at(cred)
 
     async def _run(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._ensure_loaded()
         while not self._closed:
             due = self._next_due()
             self._wake.clear()
@@ -375,77 +474,11 @@ class ServiceCredentials:
                 out.append(cred.token)
         return out
 
-    # ------------------------------------------------------------------ persistence of created credentials
-    def _load_records(self) -> None:
-        if not self.scheme.persist_created:
-            return
-        try:
-            doc = self.scheme.ctx.store.get(RECORDS) or {}
-        except StateError as e:
-            log_event(log, logging.WARNING, "state_unreadable", service=self.name, error=str(e))
-            return
-        if doc.get("identity") != self._identity:
-            if doc.get("credentials"):
-                log_event(log, logging.WARNING, "state_ignored", service=self.name, reason="made for another configuration")
-            return
-        now = self.clock()
-        newest: dict[str | None, Credential] = {}
-        for rec in doc.get("credentials", []):
-            try:
-                cred = Credential.from_record(rec)
-            except (KeyError, TypeError, ValueError):
-                continue
-            if cred.expires_at is not None and cred.expires_at <= now:
-                continue
-            self._created[cred.token.reveal()] = cred
-            best = newest.get(cred.key)
-            if best is None or cred.obtained_at > best.obtained_at:
-                newest[cred.key] = cred
-        for key, cred in newest.items():
-            self._put(key, cred)
-        if newest:
-            log_event(log, logging.INFO, "state_reused", service=self.name, credentials=len(newest))
-
-    def _forget(self, token: str) -> bool:
-        if self._created.pop(token, None) is None:
-            return False
-        self._forgotten.add(token)
-        return True
-
-    def _save_records(self) -> None:
-        """Write the record of created credentials, merged with what other processes on
-        the same state dir (``authproxy token`` beside a running proxy) recorded since:
-        overwriting would drop their tokens, which then would never be revoked."""
-        if not self.scheme.persist_created:
-            return
-        store = self.scheme.ctx.store
-        now = self.clock()
-        try:
-            with store.locked("credentials"):
-                try:
-                    doc = store.get(RECORDS) or {}
-                except StateError:
-                    doc = {}
-                records = {c.token.reveal(): c.to_record() for c in self._created.values()}
-                if doc.get("identity") == self._identity:
-                    for rec in doc.get("credentials", []):
-                        token = rec.get("token") if isinstance(rec, dict) else None
-                        if isinstance(token, str) and token not in records and token not in self._forgotten:
-                            records[token] = rec
-                live = [r for r in records.values() if r.get("expires_at") is None or float(r["expires_at"]) > now]
-                if live:
-                    store.put(RECORDS, {"identity": self._identity, "credentials": live})
-                else:
-                    store.delete(RECORDS)
-            self._forgotten.clear()
-        except (StateError, OSError, TypeError, ValueError) as e:
-            log_event(log, logging.ERROR, "state_write_failed", service=self.name, error=str(e))
-
     # ------------------------------------------------------------------ shutdown and logout
     async def revoke_created(self) -> int:
         """Revoke every still-valid credential authproxy created; returns how many."""
-        now = self.clock()
-        todo = [c for c in self._created.values() if c.expires_at is None or c.expires_at > now]
+        await self._ensure_loaded()
+        todo = self.records.still_valid()
         done = 0
 
         async def one(cred: Credential) -> None:
@@ -456,14 +489,17 @@ class ServiceCredentials:
                 log_event(log, logging.WARNING, "token_revoke_failed", service=self.name, key=cred.key, error=self.mask(e.message, cred.key, cred))
                 return
             done += 1
-            self._forget(cred.token.reveal())
+            self.records.forget(cred.token.reveal())
             if self._cache.get(cred.key) is cred:
                 self._drop(cred.key)
+            if self.shared is not None:  # no process may pick up a revoked credential
+                with contextlib.suppress(StoreError):
+                    await self.shared.invalidate(cred.key, cred)
 
         try:
             await asyncio.gather(*(one(c) for c in todo))
         finally:
-            self._save_records()
+            await self.records.save()
         if todo:
             log_event(log, logging.INFO, "tokens_revoked", service=self.name, revoked=done, of=len(todo))
         return done
@@ -472,28 +508,34 @@ class ServiceCredentials:
         """Stop the background refresh and pending fetches (the credentials stay recorded)."""
         self._closed = True
         self._wake.set()
-        tasks = [t for t in (self._task, *self._inflight.values(), *self._revocations) if t is not None]
+        tasks = [t for t in (self._task, self._loaded, *self._inflight.values(), *self._revocations) if t is not None]
         for t in tasks:
             t.cancel()
         for t in tasks:
             with contextlib.suppress(BaseException):
                 await t
         self._task = None
+        if self.records.dirty:  # a forget whose save was cancelled above
+            await self.records.save()
 
-    async def shutdown(self) -> None:
-        """At exit: stop, then revoke what the scheme revokes at exit."""
+    async def shutdown(self, revoke: bool = True) -> None:
+        """At exit: stop, then revoke what the scheme revokes at exit — unless the store is
+        shared (workers, replicas): then the credentials are everyone's, and the
+        supervisor (:func:`authproxy.runtime.revoke_at_exit`) or ``logout`` revokes them."""
         await self.stop()
-        if self.scheme.revoke_on_exit:
+        if revoke and self.scheme.revoke_on_exit and self.shared is None:
             await self.revoke_created()
         await self.scheme.close()
 
     async def logout(self) -> int:
+        """Revoke and forget every credential of the service, for every process sharing the store."""
         await self.stop()
         n = await self.revoke_created()
         n += await self.scheme.logout() or 0
+        if self.shared is not None:
+            with contextlib.suppress(StoreError):
+                await self.scheme.ctx.store.delete(self.shared.doc_name(None))
         self._cache.clear()
         self._svc = None
-        self._created.clear()
-        self._forgotten.clear()
-        self.scheme.ctx.store.delete(RECORDS)
+        await self.records.clear()
         return n
