@@ -288,13 +288,13 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Any:
 @pytest.fixture
 def redis_factory(tmp_path: Path) -> Any:
     """Start a test's own redis-server (to stop, restart or dump it, or with a
-    password): ``redis_factory(password=None)``. All are stopped after the test."""
+    password, or TLS): ``redis_factory(password=None, tls=(cert_file, key_file))``. All are stopped after the test."""
     from tests.redis_server import RedisServer
 
     servers: list[Any] = []
 
-    def start(password: str | None = None) -> Any:
-        server = RedisServer(tmp_path / f"redis{len(servers)}", password=password).start()
+    def start(password: str | None = None, tls: tuple[str, str] | None = None) -> Any:
+        server = RedisServer(tmp_path / f"redis{len(servers)}", password=password, tls=tls).start()
         servers.append(server)
         return server
 

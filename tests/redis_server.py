@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import time
 from pathlib import Path
@@ -49,15 +50,20 @@ class RedisServer:
     """One ``redis-server`` process in ``workdir`` on a loopback port.
 
     ``url`` is ``redis://127.0.0.1:PORT/0`` (no password in it: pass ``password``
-    to the client separately, as the store config does)."""
+    to the client separately, as the store config does); with ``tls=(cert, key)``
+    files it is ``rediss://`` on a TLS-only port; ``unix_url`` is the same server
+    on a unix socket."""
 
-    def __init__(self, workdir: Path, password: str | None = None) -> None:
+    def __init__(self, workdir: Path, password: str | None = None, tls: tuple[str, str] | None = None) -> None:
         self.binary = redis_server_binary()
         self.dir = Path(workdir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.password = password
+        self.tls = tls
         self.port = _free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.url = f"{'rediss' if tls else 'redis'}://127.0.0.1:{self.port}/0"
+        self.socket_path = self.dir / "redis.sock"
+        self.unix_url = f"unix://{self.socket_path}?db=0"
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = self.dir / "redis.log"
 
@@ -67,12 +73,18 @@ class RedisServer:
 
     def start(self) -> "RedisServer":
         args = [
-            self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+            self.binary, "--bind", "127.0.0.1", "--save", "",
+            "--unixsocket", str(self.socket_path), "--unixsocketperm", "700",
             "--appendonly", "no", "--dir", str(self.dir), "--dbfilename", "dump.rdb",
             "--daemonize", "no", "--logfile", str(self.log_path), "--protected-mode", "yes",
         ]  # fmt: skip
         if self.password is not None:
             args += ["--requirepass", self.password]
+        if self.tls is not None:
+            args += ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", self.tls[0],
+                     "--tls-key-file", self.tls[1], "--tls-auth-clients", "no"]  # fmt: skip
+        else:
+            args += ["--port", str(self.port)]
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + START_TIMEOUT
         while True:
@@ -110,7 +122,12 @@ class RedisServer:
 
     def command(self, *args: str | bytes, timeout: float = 2.0) -> bytes:
         """Send one command (after AUTH when there is a password); the first reply line."""
-        with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as s:
+        with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as raw:
+            s = raw
+            if self.tls is not None:  # this is the test's own server: no need to check it
+                ctx = ssl.create_default_context()
+                ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+                s = ctx.wrap_socket(raw)
             f = s.makefile("rb")
             if self.password is not None:
                 s.sendall(_resp("AUTH", self.password))

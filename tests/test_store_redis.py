@@ -430,3 +430,52 @@ async def test_no_io_before_use_and_no_password_in_where(make_store: Any) -> Non
     await st.close()
     with pytest.raises(StoreError, match="closed"):
         await st.ping()
+
+
+# --------------------------------------------------------------------------- other transports
+
+
+async def test_rediss_checks_the_server_against_ca_file(redis_factory: Any, make_store: Any, tmp_path: Path) -> None:
+    import trustme
+
+    ca, other_ca = trustme.CA(), trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert_file, key_file_ = tmp_path / "server.pem", tmp_path / "server.key"
+    cert.cert_chain_pems[0].write_to_path(str(cert_file))
+    cert.private_key_pem.write_to_path(str(key_file_))
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    other_ca.cert_pem.write_to_path(str(tmp_path / "other.pem"))
+    server = redis_factory(tls=(str(cert_file), str(key_file_)))
+    assert server.url.startswith("rediss://")
+    prefix = unique_prefix()
+    docs = make_store(server, prefix, ca_file=str(tmp_path / "ca.pem")).service("svc")
+    await docs.put("current", {"t": 1})
+    assert await docs.get("current") == {"t": 1}
+    wrong = make_store(server, prefix, ca_file=str(tmp_path / "other.pem"), timeout=1.0)
+    with pytest.raises(StoreError, match="unreachable") as e:
+        await wrong.ping()
+    assert server.url in str(e.value)
+
+
+async def test_unix_socket_url(redis_server: Any, make_store: Any) -> None:
+    prefix = unique_prefix()
+    st = make_store(redis_server.unix_url, prefix)
+    assert st.where == f"{redis_server.unix_url} prefix {prefix}"
+    await st.service("svc").put("current", {"t": 1})
+    # the same database as over TCP
+    assert await make_store(redis_server, prefix).service("svc").get("current") == {"t": 1}
+
+
+async def test_a_hung_redis_is_a_store_error_within_the_timeout(make_store: Any) -> None:
+    import socket
+
+    with socket.socket() as hung:  # connections complete in the kernel; nothing ever answers
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(16)
+        port = hung.getsockname()[1]
+        st = make_store(f"redis://127.0.0.1:{port}/0", unique_prefix(), timeout=0.3)
+        t0 = time.monotonic()
+        with pytest.raises(StoreError, match="unreachable") as e:
+            await st.service("svc").get("current")
+        assert time.monotonic() - t0 < 2 * 0.3 + 0.4
+        assert f"127.0.0.1:{port}" in str(e.value)

@@ -146,15 +146,19 @@ class RedisStore:
             self._delete_if_tag = self._redis.register_script(_DELETE_IF_TAG)
         return self._redis
 
-    def failure(self, e: BaseException) -> StoreError:
-        """A StoreError naming the store and, briefly, why: never the password."""
+    def reason(self, e: BaseException) -> str:
+        """Why an operation failed, in a few words: never the password."""
         if isinstance(e, asyncio.TimeoutError) and not str(e):
             reason = f"no answer within {self._budget():g}s"
         else:
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         if self._password:
             reason = reason.replace(self._password, "***")
-        return StoreError(f"store {self.where} unreachable: {reason}")
+        return reason
+
+    def failure(self, e: BaseException) -> StoreError:
+        """A StoreError naming the store and, briefly, why."""
+        return StoreError(f"store {self.where} unreachable: {self.reason(e)}")
 
     def _budget(self) -> float:
         # connect + one command (+ the one reconnect, when the first was refused at once)
@@ -229,7 +233,7 @@ class RedisStore:
             except Exception as e:  # noqa: BLE001 - whatever broke, subscribe again
                 self._subscribed.clear()
                 if not warned:
-                    log.warning("store %s: release messages interrupted (%s); subscribing again", self.where, self.failure(e))
+                    log.warning("store %s: release messages interrupted (%s); subscribing again", self.where, self.reason(e))
                     warned = True
             finally:
                 with contextlib.suppress(BaseException):
