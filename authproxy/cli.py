@@ -89,13 +89,14 @@ def _dispatch(args: argparse.Namespace) -> int:
     setup_logging(config.log.level, config.log.format)
     set_log_redactor(Redactor(collect_secrets(config)))  # every log line of token/login/logout/rotate too
     if args.command == "run":
-        from authproxy.proxy.app import serve
         from authproxy.workers import is_worker, serve_worker, supervise
 
         if is_worker():  # started by the supervisor of workers: N
             return _run_async(serve_worker(config, path))
-        if config.workers > 1:
+        if config.workers > 1:  # the parent serves nothing: the proxy is not even imported
             return _run_async(supervise(config, path))
+        from authproxy.proxy.app import serve
+
         return _run_async(serve(config, path))
     from authproxy.schemes.base import CliIO
 

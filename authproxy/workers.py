@@ -190,15 +190,13 @@ class Supervisor:
             try:
                 await self._start(w)
             except OSError as e:
-                log_event(log, logging.ERROR, "worker_start_failed", worker=w.index, error=e.strerror or str(e))
+                delay = _next_delay(w)
+                log_event(log, logging.ERROR, "worker_start_failed", worker=w.index, error=e.strerror or str(e), restart_in=delay)
             else:
                 status = await w.proc.wait()  # type: ignore[union-attr]
-                self._exited(w, status)
+                delay = self._exited(w, status)
             if self.stopping:
                 return
-            if time.monotonic() - w.started >= BACKOFF_RESET:
-                w.backoff = BACKOFF_FIRST
-            delay, w.backoff = w.backoff, min(w.backoff * 2, BACKOFF_MAX)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), delay)
 
@@ -269,16 +267,19 @@ class Supervisor:
         if done is not None and not any(w.reloading or w.hup_due for w in self.workers):
             done.set()
 
-    def _exited(self, w: _Worker, status: int) -> None:
+    def _exited(self, w: _Worker, status: int) -> float:
+        """Worker ``w`` has exited: log it, carry its counters; returns the restart delay."""
+        delay = _next_delay(w)
         pid = w.proc.pid if w.proc else None
         w.proc, w.ready, w.reloading, w.hup_due = None, False, False, False
         how = f"signal {signal.Signals(-status).name}" if status < 0 else f"exit {status}"
         level = logging.INFO if self.stopping and status in (0, -signal.SIGTERM) else logging.WARNING
-        log_event(log, level, "worker_exited", pid=pid, worker=w.index, status=how, restart_in=None if self.stopping else w.backoff)
+        log_event(log, level, "worker_exited", pid=pid, worker=w.index, status=how, restart_in=None if self.stopping else delay)
         if pid is not None and self.run_dir:
             with contextlib.suppress(OSError):
                 worker_stats.retire(self.run_dir, pid)
         self._check_ready()
+        return delay
 
     def _signal(self, w: _Worker, sig: int) -> None:
         if w.proc is not None and w.proc.returncode is None:
@@ -354,6 +355,14 @@ async def _revoke_at_exit(config: Config) -> None:
         log_event(log, logging.WARNING, "revoke_timeout", budget=_REVOKE_BUDGET)
     except Exception as e:  # never a reason not to exit 0 after a clean stop
         log_event(log, logging.WARNING, "revoke_failed", error=type(e).__name__)
+
+
+def _next_delay(w: _Worker) -> float:
+    """Backoff before restarting ``w``: 1 s doubling to 30 s, from 1 s again once it ran 60 s."""
+    if time.monotonic() - w.started >= BACKOFF_RESET:
+        w.backoff = BACKOFF_FIRST
+    delay, w.backoff = w.backoff, min(w.backoff * 2, BACKOFF_MAX)
+    return delay
 
 
 def _keep_workers(config: Config, workers: int) -> Config:

@@ -25,7 +25,7 @@ from authproxy import worker_stats
 from authproxy.testing import echo
 from authproxy.testing import oauth2 as mock
 from tests.conftest import CliProcess, free_port, http_get, secret, write_config
-from tests.test_systemd import NotifyListener, _short_dir
+from tests.test_systemd import NotifyListener, _activate_argv, _short_dir
 
 STEP = 30.0  # seconds one step may take (start, reload, stop) on a loaded machine
 _STARTED = re.compile(r"worker_started pid=(\d+) worker=(\d+)")
@@ -167,6 +167,39 @@ def test_unix_listener_shared_and_removed_at_exit(tmp_path, group):
         assert reply.startswith(b"HTTP/1.1 200") and b'"worker"' in reply
     stop(g)
     assert not path.exists()
+
+
+class _Activated(CliProcess):
+    """``authproxy run`` started the way a systemd .socket unit starts it: the listening
+    socket as fd 3, ``LISTEN_FDS=1``, ``LISTEN_PID`` its own pid."""
+
+    def __init__(self, sock: socket.socket, config_path: Path, cwd: Path) -> None:
+        import subprocess
+
+        self.log_path = cwd / f"stderr-{time.monotonic_ns()}.log"
+        self._log = open(self.log_path, "wb")
+        argv = _activate_argv([sock.fileno()], "http", "-m", "authproxy", "run", "-c", str(config_path))
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "RUNTIME_DIRECTORY": str(cwd / "run")}
+        self.proc = subprocess.Popen(argv, cwd=cwd, env=env, pass_fds=(sock.fileno(),), stdout=subprocess.PIPE, stderr=self._log, stdin=subprocess.DEVNULL)
+
+
+def test_workers_share_the_socket_systemd_passed(tmp_path):
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    port = sock.getsockname()[1]
+    (tmp_path / "run").mkdir()
+    cfg = write_config(tmp_path / "c.yaml", config(tmp_path, free_port()))  # listen: ignored for the passed socket
+    g = Group(_Activated(sock, cfg, tmp_path))
+    sock.close()  # only the group holds it now
+    try:
+        workers = g.wait_ready()
+        assert "address=127.0.0.1:%d" % port in g.proc.log()
+        pids_answering(port, set(workers.values()))
+        stop(g)
+    finally:
+        g.kill_all()
+        g.proc.stop()
 
 
 def test_killed_worker_comes_back_and_serves(tmp_path, group):
