@@ -187,7 +187,7 @@ async def test_refusal_is_error_state_with_longer_backoff(store, clock):
     with pytest.raises(Unavailable):
         await creds.get()
     assert creds.status().state == "error"
-    assert creds._retry_at - clock.now >= 8
+    assert creds.health.retry_at - clock.now >= 8
 
 
 def test_backoff_schedule() -> None:

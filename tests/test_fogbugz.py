@@ -358,16 +358,16 @@ async def test_wrong_password_is_an_error_with_backoff_not_hammered(fogbugz: Moc
     assert status == 503 and fb["state"] == "error"
     assert "error 1" in fb["last_error"] and "Incorrect password" in fb["last_error"]
     assert PASSWORD not in json.dumps(ready)
-    assert creds._retry_at - time.time() >= 7.5  # first retry after a refusal: 10 s ± 20 %
+    assert creds.health.retry_at - time.time() >= 7.5  # first retry after a refusal: 10 s ± 20 %
     for _ in range(20):  # requests meanwhile are answered at once, without touching the account
         async with p.request("GET", SEARCH) as r:
             assert r.status == 503 and r.headers["X-Authproxy-Error"] == "token_unavailable"
             assert int(r.headers["Retry-After"]) >= 7
     assert len(st.logon_attempts) == 1
-    creds._retry_at = time.time()  # let the clock jump to the retry time
+    creds.health.retry_at = time.time()  # let the clock jump to the retry time
     creds._wake.set()
     await wait_for(lambda: len(st.logon_attempts) == 2 and creds.status().last_error)
-    await wait_for(lambda: creds._retry_at - time.time() >= 15)  # the next one is 20 s ± 20 % later
+    await wait_for(lambda: creds.health.retry_at - time.time() >= 15)  # the next one is 20 s ± 20 % later
     # So: attempts at 0 s, ≥ 8 s, ≥ 24 s, then at most one a minute — never enough to lock the account.
     assert backoff_delay(1, True, lambda: 0.0) + backoff_delay(2, True, lambda: 0.0) > 15
     assert [backoff_delay(n, True, lambda: 1.0) for n in (4, 5, 9)] == [60.0, 60.0, 60.0]
@@ -630,7 +630,7 @@ async def test_a_rejected_api_token_puts_the_service_in_error_naming_the_cause(f
     assert "the configured API token was rejected (not logged on)" in fb["last_error"]
     assert str(tmp_path / "token") in fb["last_error"] and API_TOKEN not in json.dumps(ready)
     creds = p.server.runtimes["fb"].creds
-    assert creds._retry_at - time.time() >= 7.5  # a refusal: backed off hard
+    assert creds.health.retry_at - time.time() >= 7.5  # a refusal: backed off hard
     for _ in range(5):  # meanwhile nothing reaches FogBugz with the dead token
         status, body = await get(p, SEARCH)
         assert status == 503 and "API token was rejected" in json.loads(body)["message"]
@@ -656,13 +656,13 @@ async def test_a_rejected_api_token_is_replaced_from_its_token_file_at_most_once
     await wait_for(lambda: creds.status().state == "error")
     newer = secret(st.make_api_token())
     token_file.write_text(newer)
-    creds._retry_at = time.time()  # the backoff's retry comes: within the minute, no re-read
+    creds.health.retry_at = time.time()  # the backoff's retry comes: within the minute, no re-read
     creds._wake.set()
-    await wait_for(lambda: creds._failures == 2)
+    await wait_for(lambda: creds.health.failures == 2)
     assert creds.status().state == "error"
     now = time.monotonic()
     scheme._clock = lambda: now + 61  # a minute later
-    creds._retry_at = time.time()
+    creds.health.retry_at = time.time()
     creds._wake.set()
     await wait_for(lambda: creds.status().state == "ready")
     status, body = await get(p, SEARCH)

@@ -20,14 +20,13 @@ import asyncio
 import contextlib
 import logging
 import math
-import random
 import time
 import traceback
-from dataclasses import dataclass
 from typing import Any, Callable
 
 from cachetools import TLRUCache
 
+from authproxy.credentials.health import BACKOFF_CAP, Health, Status, Unavailable, backoff_delay  # noqa: F401 - re-exported
 from authproxy.credentials.records import CreatedRecords
 from authproxy.credentials.shared import SharedSlots
 from authproxy.metrics import Metrics
@@ -39,35 +38,8 @@ from authproxy.tracing import tracing
 
 log = logging.getLogger("authproxy.credentials")
 
-BACKOFF_CAP = 60.0
-BACKOFF_FIRST = 1.0  # after a transient failure (connection, timeout, 5xx)
-BACKOFF_FIRST_REFUSED = 10.0  # after a refusal (bad password): never hammer an account
 MAX_KEYED = 10_000  # on-behalf-of users kept in memory at once
 LOCK_SLACK = 15.0  # a shared fetch waits for another process's fetch up to its timeout plus this
-
-
-class Unavailable(Exception):
-    """No credential can be had now: the proxy answers 503 with this code."""
-
-    def __init__(self, code: str, message: str, retry_after: float | None) -> None:
-        super().__init__(message)
-        self.code = code  # token_unavailable | login_required
-        self.message = message
-        self.retry_after = retry_after
-
-
-@dataclass
-class Status:
-    state: str  # ready | pending | backoff | login_required | error
-    expires_in: float | None
-    last_error: str | None
-
-
-def backoff_delay(failures: int, refused: bool, rng: Callable[[], float] = random.random) -> float:
-    """Exponential with ±20 % jitter, capped: 1, 2, 4 … 60 s (10, 20, 40, 60 s after a refusal)."""
-    first = BACKOFF_FIRST_REFUSED if refused else BACKOFF_FIRST
-    base = min(BACKOFF_CAP, first * (2 ** max(0, failures - 1)))
-    return min(BACKOFF_CAP, base * (0.8 + 0.4 * rng()))
 
 
 class ServiceCredentials:
@@ -88,10 +60,7 @@ class ServiceCredentials:
         )
         self._svc: Credential | None = None  # the service's own credential, mirrored for the hot path
         self._inflight: dict[str | None, asyncio.Future[Credential]] = {}
-        self._failures = 0
-        self._retry_at = 0.0
-        self._error: str | None = None
-        self._error_state: str | None = None  # backoff | error | login_required
+        self.health = Health(name, clock)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._revocations: set[asyncio.Task[None]] = set()
@@ -100,9 +69,7 @@ class ServiceCredentials:
         store = scheme.ctx.store
         self.records = CreatedRecords(name, store, self._identity, scheme.persist_created, clock)
         # Several processes share the credentials: read what they stored, fetch under the lock.
-        self.shared = SharedSlots(store, self._identity, clock) if shared else None
-        self._rejected: dict[str | None, str] = {}  # key → fingerprint of the token last rejected here
-        self._reusable: dict[str | None, Credential] = {}  # recorded credentials not yet adopted (shared mode)
+        self.shared = SharedSlots(name, store, self._identity, clock) if shared else None
         self._loaded: asyncio.Future[None] | None = None
         scheme.bind(self)
 
@@ -117,7 +84,7 @@ class ServiceCredentials:
         await self.scheme.prepare()
         newest = await self.records.load()
         if self.shared is not None:
-            self._reusable = newest  # the store's current one comes first (see _obtain_shared)
+            self.shared.reusable = newest  # the store's current one comes first
             return
         for key, cred in newest.items():
             self._put(key, cred)
@@ -134,6 +101,10 @@ class ServiceCredentials:
             return None
         lifetime = max(0.0, cred.expires_at - cred.obtained_at)
         return cred.expires_at - min(self.scheme.refresh_margin, lifetime / 2)
+
+    def _due(self, cred: Credential) -> bool:
+        refresh_at = self._refresh_at(cred)
+        return refresh_at is not None and refresh_at <= self.clock()
 
     def current(self, key: str | None = None) -> Credential | None:
         return self._cache.get(key)
@@ -180,17 +151,16 @@ class ServiceCredentials:
             return cred
         fut = self._inflight.get(key)
         if fut is None:
-            if key is None and self._error_state in ("backoff", "error"):
-                wait = self._retry_at - self.clock()
-                if wait > 0:
-                    raise Unavailable("token_unavailable", self._unavailable_message(), wait)
+            wait = self.health.backing_off() if key is None else None
+            if wait is not None:
+                raise Unavailable("token_unavailable", self.health.unavailable_message(), wait)
             fut = self._start_fetch(key)
         try:
             return await asyncio.shield(fut)
         except LoginRequired as e:
             raise Unavailable("login_required", self._login_message(e), None) from None
         except CredentialError as e:
-            retry = max(1.0, self._retry_at - self.clock()) if key is None else 1.0
+            retry = self.health.retry_after() if key is None else 1.0
             raise Unavailable("token_unavailable", f"{self.name}: {self.mask(e.message, key)}", retry) from None
 
     def rejected(self, cred: Credential) -> None:
@@ -202,8 +172,8 @@ class ServiceCredentials:
             self._drop(key)
             self.scheme.on_rejected(cred)
             if self.shared is not None:
-                self._rejected[key] = self.shared.fingerprint(cred)
-                self._background(self._invalidate_shared(key, cred))
+                self.shared.rejected(key, cred)
+                self._background(self.shared.invalidate_quietly(key, cred))
         if self.records.forget(cred.token.reveal()):
             self._background(self.records.save())
         log_event(log, logging.INFO, "credential_rejected", service=self.name, key=key)
@@ -231,7 +201,8 @@ class ServiceCredentials:
             if self.shared is None:
                 cred = await self._obtain(key)
             else:
-                cred, adopted = await self._obtain_shared(key, self.shared)
+                wait = self.scheme.ctx.service.timeout.total + LOCK_SLACK
+                cred, adopted = await self.shared.obtain(key, lambda: self._obtain(key), self._due, wait)
         except UpstreamReply:
             self._count("error")
             raise
@@ -267,9 +238,7 @@ class ServiceCredentials:
             if not adopted:  # the process that made it recorded it
                 await self.records.save()
         if key is None:
-            self._failures = 0
-            self._error = None
-            self._error_state = None
+            self.health.recovered()
             self._wake.set()
         log_event(
             log,
@@ -289,52 +258,6 @@ class ServiceCredentials:
             return await tracing.credential_fetch(self.scheme.obtain(key), self.name, type(self.scheme).__name__)
         return await self.scheme.obtain(key)
 
-    def _adoptable(self, key: str | None, cred: Credential | None) -> bool:
-        """A credential another process stored that this one may use as is: not the one
-        just rejected here, and not yet due for renewal (else renew it, under the lock)."""
-        if cred is None or self._rejected.get(key) == self.shared.fingerprint(cred):  # type: ignore[union-attr]
-            return False
-        refresh_at = self._refresh_at(cred)
-        return refresh_at is None or refresh_at > self.clock()
-
-    async def _obtain_shared(self, key: str | None, shared: SharedSlots) -> tuple[Credential, bool]:
-        """Read what another process stored; else take the store's lock, read again (it
-        may have been fetched while we waited), and only then ask the upstream.
-        → (credential, whether it was adopted rather than obtained here)."""
-        try:
-            cred = await shared.read(key)
-            if self._adoptable(key, cred):
-                self._rejected.pop(key, None)
-                return cred, True  # type: ignore[return-value]
-            wait = self.scheme.ctx.service.timeout.total + LOCK_SLACK
-            async with shared.lock(key, wait):
-                cred = await shared.read(key)
-                if self._adoptable(key, cred):
-                    self._rejected.pop(key, None)
-                    return cred, True  # type: ignore[return-value]
-                kept = self._reusable.pop(key, None)  # recorded before the store was shared
-                if kept is not None and self._adoptable(key, kept) and (kept.expires_at is None or kept.expires_at > self.clock()):
-                    new = kept
-                else:
-                    new = await self._obtain(key)
-                    new.key = key
-                try:
-                    await shared.write(key, new)
-                except StoreError as e:  # it still works here; the others will fetch their own
-                    log_event(log, logging.WARNING, "store_write_failed", service=self.name, key=key, error=str(e))
-                self._rejected.pop(key, None)
-                return new, False
-        except StoreError as e:
-            raise CredentialError(f"credential store: {e}") from None
-
-    async def _invalidate_shared(self, key: str | None, cred: Credential) -> None:
-        assert self.shared is not None
-        try:
-            if await self.shared.invalidate(key, cred):
-                log_event(log, logging.INFO, "shared_credential_invalidated", service=self.name, key=key)
-        except StoreError as e:
-            log_event(log, logging.WARNING, "store_write_failed", service=self.name, key=key, error=str(e))
-
     async def settled(self) -> None:
         """Wait for the background work started so far (record saves, revocations)."""
         while self._revocations:
@@ -346,25 +269,7 @@ class ServiceCredentials:
         task.add_done_callback(self._revocations.discard)
 
     def _fail(self, e: CredentialError, state: str) -> None:
-        self._failures += 1
-        self._error = self.mask(e.message)
-        self._error_state = state
-        if state == "login_required":
-            self._retry_at = 0.0
-            log_event(log, logging.WARNING, "login_required", service=self.name, error=self._error)
-        else:
-            delay = backoff_delay(self._failures, e.refused)
-            self._retry_at = self.clock() + delay
-            log_event(
-                log,
-                logging.WARNING,
-                "token_backoff",
-                service=self.name,
-                state=state,
-                retry_in=round(delay, 1),
-                failures=self._failures,
-                error=self._error,
-            )
+        self.health.failed(self.mask(e.message), state, e.refused)
         self._wake.set()
 
     def _count(self, result: str) -> None:
@@ -401,10 +306,9 @@ class ServiceCredentials:
             self._task = asyncio.ensure_future(self._run())
 
     def _next_due(self) -> float | None:
-        if self._error_state in ("backoff", "error"):
-            return self._retry_at
-        if self._error_state == "login_required":
-            return None
+        due = self.health.next_due()
+        if due is not NotImplemented:
+            return due
         cred = self._cache.get(None)
         if cred is None:
             return self.clock()
@@ -434,18 +338,8 @@ class ServiceCredentials:
     # ------------------------------------------------------------------ visible state
     def status(self) -> Status:
         cred = self._cache.get(None)
-        now = self.clock()
-        expires_in = None if cred is None or cred.expires_at is None else max(0, round(cred.expires_at - now))
-        if self._error_state == "login_required":
-            return Status("login_required", expires_in, self._error)
-        if cred is not None:
-            return Status("ready", expires_in, self._error)
-        if self._error_state:
-            return Status(self._error_state, None, self._error)
-        return Status("pending", None, None)
-
-    def _unavailable_message(self) -> str:
-        return f"{self.name}: no credential ({self._error or 'still being fetched'}); retrying"
+        expires_in = None if cred is None or cred.expires_at is None else max(0, round(cred.expires_at - self.clock()))
+        return self.health.status(expires_in, cred is not None)
 
     def _login_message(self, e: CredentialError) -> str:
         return f"{self.name} needs a person to log in: run `authproxy login {self.name}` ({self.mask(e.message)})"

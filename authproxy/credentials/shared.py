@@ -12,19 +12,80 @@ by any number of processes, makes one new fetch.
 from __future__ import annotations
 
 import hashlib
-from typing import AsyncContextManager, Callable
+import logging
+from typing import AsyncContextManager, Awaitable, Callable
 
-from authproxy.schemes.base import Credential
-from authproxy.store.base import DocStore
+from authproxy.observe import log_event
+from authproxy.schemes.base import Credential, CredentialError
+from authproxy.store.base import DocStore, StoreError
+
+log = logging.getLogger("authproxy.credentials")
 
 CURRENT = "current"
 
 
 class SharedSlots:
-    def __init__(self, store: DocStore, identity: str, clock: Callable[[], float]) -> None:
+    def __init__(self, name: str, store: DocStore, identity: str, clock: Callable[[], float]) -> None:
+        self.name = name
         self.store = store
         self.identity = identity
         self.clock = clock
+        self._rejected: dict[str | None, str] = {}  # key → fingerprint of the token last rejected here
+        #: Recorded credentials from before the store was shared: used once, if the store has none.
+        self.reusable: dict[str | None, Credential] = {}
+
+    async def obtain(
+        self,
+        key: str | None,
+        fetch: Callable[[], Awaitable[Credential]],
+        due: Callable[[Credential], bool],
+        wait: float,
+    ) -> tuple[Credential, bool]:
+        """The credential for ``key``: one another process stored, when it is usable;
+        else, under the store's lock and after looking again (it may have been fetched
+        while we waited), ``fetch()``'s, written for the others.
+        → (credential, whether it was adopted rather than fetched here)."""
+
+        def adoptable(cred: Credential | None) -> bool:
+            # Not the one just rejected here, and not yet due for renewal (else renew it).
+            return cred is not None and self._rejected.get(key) != self.fingerprint(cred) and not due(cred)
+
+        try:
+            cred = await self.read(key)
+            if adoptable(cred):
+                self._rejected.pop(key, None)
+                return cred, True  # type: ignore[return-value]
+            async with self.lock(key, wait):
+                cred = await self.read(key)
+                if adoptable(cred):
+                    self._rejected.pop(key, None)
+                    return cred, True  # type: ignore[return-value]
+                kept = self.reusable.pop(key, None)
+                if adoptable(kept) and (kept.expires_at is None or kept.expires_at > self.clock()):  # type: ignore[union-attr]
+                    new = kept
+                else:
+                    new = await fetch()
+                    new.key = key
+                try:
+                    await self.write(key, new)
+                except StoreError as e:  # it still works here; the others will fetch their own
+                    log_event(log, logging.WARNING, "store_write_failed", service=self.name, key=key, error=str(e))
+                self._rejected.pop(key, None)
+                return new, False  # type: ignore[return-value]
+        except StoreError as e:
+            raise CredentialError(f"credential store: {e}") from None
+
+    def rejected(self, key: str | None, cred: Credential) -> None:
+        """``cred`` was rejected here: never adopt it again (even before the
+        compare-and-delete of :meth:`invalidate` reaches the store)."""
+        self._rejected[key] = self.fingerprint(cred)
+
+    async def invalidate_quietly(self, key: str | None, cred: Credential) -> None:
+        try:
+            if await self.invalidate(key, cred):
+                log_event(log, logging.INFO, "shared_credential_invalidated", service=self.name, key=key)
+        except StoreError as e:
+            log_event(log, logging.WARNING, "store_write_failed", service=self.name, key=key, error=str(e))
 
     @staticmethod
     def doc_name(key: str | None) -> str:
