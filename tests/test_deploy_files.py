@@ -9,6 +9,7 @@ every listener is on loopback.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import re
@@ -16,6 +17,7 @@ import secrets
 import sys
 import tomllib
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -28,6 +30,10 @@ COMPOSE = EXAMPLES / "docker-compose.yaml"
 COMPOSE_CONFIG = EXAMPLES / "authproxy-compose.yaml"
 K8S = EXAMPLES / "kubernetes-sidecar.yaml"
 SYSTEMD_CONFIG = REPO / "systemd" / "config.yaml"
+REPLICAS_COMPOSE = EXAMPLES / "compose-replicas.yaml"
+REPLICAS_CONFIG = EXAMPLES / "authproxy-replicas.yaml"
+K8S_REDIS = EXAMPLES / "kubernetes-redis-sidecars.yaml"
+SCALE_OUT = REPO / "docs" / "scale-out.md"
 
 ALL_YAML = sorted(EXAMPLES.glob("*.yaml")) + sorted(EXAMPLES.glob("*.yml")) + [SYSTEMD_CONFIG]
 
@@ -564,3 +570,314 @@ def test_logrotate_names_the_path_its_example_config_sets():
     (example,) = [m.group(1) for m in re.finditer(r"(?m)^#\s+(log:\s*\{.*audit_file.*\})\s*$", LOGROTATE.read_text())]
     config = load_config_text(example + "\n")
     assert config.log.audit_file == path
+
+
+# --------------------------------------------------------------------------
+# scale out: two Compose replicas and a Kubernetes fleet sharing one Redis
+
+
+def k8s_redis_documents() -> list[dict]:
+    return [d for d in yaml.safe_load_all(K8S_REDIS.read_text()) if d]
+
+
+def k8s_redis_config_text() -> str:
+    (cm,) = [d for d in k8s_redis_documents() if d["kind"] == "ConfigMap"]
+    return cm["data"]["config.yaml"]
+
+
+def k8s_redis_kind(kind: str, name: str) -> dict:
+    (doc,) = [d for d in k8s_redis_documents() if d["kind"] == kind and d["metadata"]["name"] == name]
+    return doc
+
+
+def acl_rules(text: str) -> list[str]:
+    """The rules of the Redis ACL user the example's set-up comment writes
+    (``printf 'user default off\\nuser authproxy on #%s RULES\\n'``)."""
+    (rules,) = re.findall(r"user default off\\nuser authproxy on #%s (.+?)\\n'", text)
+    return rules.split()
+
+
+def kubectl_secrets(text: str) -> dict[str, set[str]]:
+    """{Secret name: its keys} from the `kubectl create secret generic` lines of a header."""
+    out: dict[str, set[str]] = {}
+    joined = re.sub(r"\\\n#\s*", " ", text)  # continuation lines of the comment
+    for m in re.finditer(r"kubectl create secret generic (\S+)((?:\s+--from-file=[\w.-]+=\S+)+)", joined):
+        out[m.group(1)] = set(re.findall(r"--from-file=([\w.-]+)=", m.group(2)))
+    return out
+
+
+def with_store_key(text: str, tmp: Path, prefix: str) -> tuple[str, dict[str, str]]:
+    """with_local_paths, and the store key made the way the docs say
+    (`head -c 32 /dev/urandom | base64`), mode 0600."""
+    text, generated = with_local_paths(text, tmp, prefix)
+    key_path = Path(yaml.safe_load(text)["store"]["key_file"])
+    key = base64.b64encode(os.urandom(32)).decode()
+    key_path.write_text(key + "\n")
+    key_path.chmod(0o600)
+    generated[key_path.name] = key
+    return text, generated
+
+
+def test_replicas_compose_config_loads(tmp_path):
+    from authproxy.config import load_config_text
+    from authproxy.store.redis import RedisStore
+
+    text, generated = with_store_key(REPLICAS_CONFIG.read_text(), tmp_path, "/run/secrets/")
+    config = load_config_text(text)
+    assert set(config.services) == {"fogbugz", "bugfender"}
+    assert config.inbound.allow_remote is True and config.inbound.keys
+    assert "authproxy" in config.inbound.hosts
+    store = config.store
+    assert store is not None and store.url == "redis://redis:6379/0"
+    assert store.username == "authproxy" and store.prefix == "authproxy:"
+    assert store.password is not None and store.password.reveal() == generated["redis-password"]
+    # The key file is usable as is (read here; no connection is made).
+    assert RedisStore(store).cipher.fingerprint("x")
+
+
+def test_k8s_redis_config_loads(tmp_path):
+    from authproxy.config import load_config_text
+    from authproxy.store.redis import RedisStore
+
+    text, generated = with_store_key(k8s_redis_config_text(), tmp_path, "/run/secrets/authproxy/")
+    config = load_config_text(text)
+    assert set(config.services) == {"fogbugz", "bugfender"}
+    assert str(config.state_dir) == str(tmp_path / "state")
+    assert config.store is not None and config.store.url == "redis://authproxy-redis:6379/0"
+    assert config.store.password is not None and config.store.password.reveal() == generated["redis-password"]
+    assert RedisStore(config.store).cipher.fingerprint("x")
+
+
+@pytest.mark.parametrize("which", ["compose", "k8s"])
+async def test_check_on_replicas_configs(tmp_path, which):
+    if which == "compose":
+        text, generated = with_store_key(REPLICAS_CONFIG.read_text(), tmp_path, "/run/secrets/")
+    else:
+        text, generated = with_store_key(k8s_redis_config_text(), tmp_path, "/run/secrets/authproxy/")
+    cfg_path = tmp_path / "config.yaml"
+    cfg_path.write_text(text)
+    code, out = await run([sys.executable, "-m", "authproxy", "check", "-c", str(cfg_path)],
+                          child_env(STATE_DIRECTORY=str(tmp_path / "state")), cwd=tmp_path)
+    assert code == 0, out
+    for value in generated.values():
+        assert value not in out
+
+
+def test_replicas_compose_wiring():
+    compose = yaml.safe_load(REPLICAS_COMPOSE.read_text())
+    config_text = REPLICAS_CONFIG.read_text()
+    config = yaml.safe_load(config_text)
+    services = compose["services"]
+    proxy, redis = services["authproxy"], services["redis"]
+    env = docker_env()
+
+    # Two replicas of one service, each with the same config where the image looks.
+    assert proxy["deploy"]["replicas"] == 2
+    mounts = {m.split(":")[1]: m.split(":")[0] for m in proxy["volumes"]}
+    assert mounts[env["AUTHPROXY_CONFIG"]] == "./" + REPLICAS_CONFIG.name
+    assert proxy["environment"]["AUTHPROXY_CONFIG"] == env["AUTHPROXY_CONFIG"]
+
+    # Every secret file the config reads -- the store key included -- is a file
+    # secret mounted into every replica.
+    paths = secret_paths(config_text)
+    assert config["store"]["key_file"] in paths and config["store"]["password_file"] in paths
+    for path in paths:
+        assert path.startswith("/run/secrets/"), path
+        name = path.removeprefix("/run/secrets/")
+        assert name in proxy["secrets"] and "file" in compose["secrets"][name], name
+
+    # The store is the Redis service, on the port it exposes, started first.
+    url = urlsplit(config["store"]["url"])
+    assert url.scheme == "redis" and url.hostname in services and services[url.hostname] is redis
+    assert str(url.port) in [str(p) for p in redis["expose"]]
+    assert proxy["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert "ports" not in proxy and "ports" not in redis, "publish neither on the host"
+
+    # Redis reads its users from a secret; the user and key prefix are the config's;
+    # AOF persistence is on (refresh tokens survive a restart).
+    command = redis["command"]
+    aclfile = command[command.index("--aclfile") + 1]
+    assert aclfile.startswith("/run/secrets/") and aclfile.removeprefix("/run/secrets/") in redis["secrets"]
+    assert command[command.index("--appendonly") + 1] == "yes"
+    rules = acl_rules(REPLICAS_COMPOSE.read_text())
+    prefix = config["store"]["prefix"]
+    assert f"~{prefix}*" in rules and f"&{prefix}released:*" in rules
+    assert config["store"]["username"] == "authproxy"
+    assert "--user authproxy" in redis["healthcheck"]["test"][1]
+    assert "/run/secrets/redis-password" in redis["healthcheck"]["test"][1]
+
+    # The app calls the replicas by the service name, an accepted Host.
+    app = services["app"]
+    port = config["listen"].rpartition(":")[2]
+    assert config["listen"].startswith("0.0.0.0:") and config["inbound"]["allow_remote"] is True
+    assert port in [str(p) for p in proxy["expose"]]
+    urls = [v for v in app["environment"].values() if str(v).startswith("http://")]
+    assert urls
+    for u in urls:
+        assert u.startswith(f"http://authproxy:{port}/") and u.split("/")[3] in config["services"], u
+    assert "authproxy" in config["inbound"]["hosts"]
+    assert app["depends_on"]["authproxy"]["condition"] == "service_healthy"
+    assert proxy["stop_signal"] == "SIGTERM"
+
+
+def test_k8s_redis_wiring():
+    header = K8S_REDIS.read_text()
+    (app_deploy,) = [d for d in k8s_redis_documents() if d["kind"] == "Deployment" and d["metadata"]["name"] == "example-app"]
+    redis_deploy = k8s_redis_kind("Deployment", "authproxy-redis")
+    pod = app_deploy["spec"]["template"]["spec"]
+    config_text = k8s_redis_config_text()
+    config = yaml.safe_load(config_text)
+    assert app_deploy["spec"]["replicas"] == 3
+
+    # authproxy is a native sidecar of every pod, on loopback.
+    (sidecar,) = [c for c in pod["initContainers"] if c["name"] == "authproxy"]
+    assert sidecar["restartPolicy"] == "Always"
+    assert config["listen"] == "127.0.0.1:8080"
+    mounts = {m["name"]: m["mountPath"] for m in sidecar["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    (cm_volume,) = [n for n, v in volumes.items() if "configMap" in v]
+    assert sidecar["args"][sidecar["args"].index("-c") + 1] == mounts[cm_volume] + "/config.yaml"
+
+    # Every secret file (the store key and Redis password included) is in the one
+    # projected folder, from Secrets the header's kubectl lines create with those keys.
+    (secret_volume,) = [n for n, v in volumes.items() if "projected" in v]
+    secret_dir = mounts[secret_volume]
+    sources = [s["secret"]["name"] for s in volumes[secret_volume]["projected"]["sources"]]
+    created = kubectl_secrets(header)
+    provided = set().union(*(created[s] for s in sources))
+    paths = secret_paths(config_text)
+    assert config["store"]["key_file"] in paths and config["store"]["password_file"] in paths
+    for path in paths:
+        assert os.path.dirname(path) == secret_dir, path
+        assert os.path.basename(path) in provided, path
+    assert created["authproxy-store"] >= {"store.key", "redis-password"}
+
+    # Every sidecar points at the one Redis Service, which selects the Redis pod.
+    url = urlsplit(config["store"]["url"])
+    service = k8s_redis_kind("Service", url.hostname)
+    (sport,) = [p for p in service["spec"]["ports"] if p["port"] == url.port]
+    rpod = redis_deploy["spec"]["template"]
+    assert service["spec"]["selector"].items() <= rpod["metadata"]["labels"].items()
+    assert redis_deploy["spec"]["replicas"] == 1
+    (redis,) = rpod["spec"]["containers"]
+    assert sport["targetPort"] in [p["name"] for p in redis["ports"]]
+    assert url.port in [p["containerPort"] for p in redis["ports"]]
+
+    # Redis: the ACL file from its Secret, AOF on a persistent volume.
+    args = redis["args"]
+    aclfile = args[args.index("--aclfile") + 1]
+    rmounts = {m["name"]: m["mountPath"] for m in redis["volumeMounts"]}
+    rvolumes = {v["name"]: v for v in rpod["spec"]["volumes"]}
+    (acl_volume,) = [n for n, v in rvolumes.items() if "secret" in v]
+    assert os.path.dirname(aclfile) == rmounts[acl_volume]
+    assert os.path.basename(aclfile) in created[rvolumes[acl_volume]["secret"]["secretName"]]
+    assert args[args.index("--appendonly") + 1] == "yes"
+    (data_volume,) = [v for v in rvolumes.values() if "persistentVolumeClaim" in v]
+    assert k8s_redis_kind("PersistentVolumeClaim", data_volume["persistentVolumeClaim"]["claimName"])
+    rules = acl_rules(header)
+    prefix = config["store"]["prefix"]
+    assert f"~{prefix}*" in rules and f"&{prefix}released:*" in rules
+    assert config["store"]["username"] == "authproxy"
+
+    # Only the app's pods may reach Redis.
+    policy = k8s_redis_kind("NetworkPolicy", "authproxy-redis")
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= rpod["metadata"]["labels"].items()
+    (rule,) = policy["spec"]["ingress"]
+    (peer,) = rule["from"]
+    assert peer["podSelector"]["matchLabels"].items() <= app_deploy["spec"]["template"]["metadata"]["labels"].items()
+    assert [p["port"] for p in rule["ports"]] == [url.port]
+
+    # The same hardening as the single-pod example.
+    user = next(args for word, args in final_stage() if word == "USER").split(":")[0]
+    assert str(sidecar["securityContext"]["runAsUser"]) == user
+    assert sidecar["securityContext"]["readOnlyRootFilesystem"] is True
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["terminationGracePeriodSeconds"] > config.get("shutdown_timeout", 10) + 5
+    (app,) = pod["containers"]
+    urls = [e["value"] for e in app.get("env", []) if str(e.get("value", "")).startswith("http://")]
+    assert urls
+    for u in urls:
+        assert u.startswith("http://127.0.0.1:8080/") and u.split("/")[3] in config["services"]
+
+
+def test_examples_and_docs_give_one_acl():
+    """The Compose and Kubernetes examples create the same Redis user, and
+    docs/scale-out.md shows it too; so do they the same store key command."""
+    rules = acl_rules(REPLICAS_COMPOSE.read_text())
+    assert acl_rules(K8S_REDIS.read_text()) == rules
+    doc = SCALE_OUT.read_text()
+    assert " ".join(rules) in doc
+    assert "head -c 32 /dev/urandom | base64 > store.key" in doc
+
+
+async def test_the_examples_acl_lets_a_store_work(redis_factory, monkeypatch):
+    """Against a real redis-server: the user the examples create (a SHA-256
+    password, the example's rules) can do everything the store does -- write
+    with a ttl, read, compare-and-delete, a lock held past a renewal, a waiter
+    woken by the release message -- and Redis logs no ACL denial."""
+    import hashlib
+
+    import authproxy.store.redis as redis_store
+    from authproxy.config import StoreConfig
+    from authproxy.secret import Secret
+
+    server = redis_factory()
+    password = secrets.token_urlsafe(32)
+    digest = hashlib.sha256(password.encode()).hexdigest()
+    reply = server.command("ACL", "SETUSER", "authproxy", "on", f"#{digest}", *acl_rules(REPLICAS_COMPOSE.read_text()))
+    assert reply.startswith(b"+OK"), reply
+    monkeypatch.setattr(redis_store, "LOCK_TTL", 0.6)  # renewed every 0.2 s
+
+    key = server.dir / "store.key"
+    key.write_text(base64.b64encode(os.urandom(32)).decode() + "\n")
+    cfg = StoreConfig(url=server.url, key_file=str(key), username="authproxy", password=Secret(password), timeout=2.0)
+    a, b = redis_store.RedisStore(cfg), redis_store.RedisStore(cfg)
+    try:
+        da, db = a.service("svc"), b.service("svc")
+        await a.ping()
+        await da.put("current", {"token": "t"}, ttl=30, tag="tag-1")
+        assert await db.get("current") == {"token": "t"}
+        assert await db.version("current") is not None
+        assert await db.delete("current", if_tag="other") is False
+        assert await db.delete("current", if_tag="tag-1") is True
+        events: list[str] = []
+
+        async def holder() -> None:
+            async with da.lock("current"):
+                events.append("a")
+                await asyncio.sleep(1.0)  # past LOCK_TTL: only the renewals keep it
+                events.append("a done")
+
+        async def waiter() -> None:
+            await asyncio.sleep(0.1)
+            async with db.lock("current", wait=10):
+                events.append("b")
+
+        await asyncio.wait_for(asyncio.gather(holder(), waiter()), 20)
+        assert events == ["a", "a done", "b"]
+    finally:
+        await a.close()
+        await b.close()
+    assert server.command("ACL", "LOG").startswith(b"*0"), "Redis denied the example's user something"
+
+
+def test_config_example_store_block_loads_once_uncommented(tmp_path):
+    from authproxy.config import load_config_text
+
+    lines = (REPO / "config.example.yaml").read_text().splitlines()
+    start = lines.index("# store:")
+    block = ["store:"]
+    for ln in lines[start + 1 :]:
+        if not ln.startswith("#   "):
+            break
+        if ln.strip("# ").startswith("head -c") or not ln[4:].strip() or ln[4:].lstrip().startswith("#"):
+            continue
+        block.append("  " + ln[4:])
+    text = "\n".join(block) + "\n"
+    for path in [p for p in secret_paths(text) if p != "null"]:
+        local = tmp_path / Path(path).name
+        local.write_text(base64.b64encode(os.urandom(32)).decode() + "\n")
+        text = text.replace(path, str(local))
+    store = load_config_text(text, env={}).store
+    assert store is not None and store.url.startswith("redis://") and store.prefix == "authproxy:"
+    assert store.username == "authproxy" and store.password is not None and store.timeout == 2
