@@ -35,6 +35,8 @@ from authproxy.secrets_source import SecretLoader
 from authproxy.secrets_source import interpolate as interpolate  # re-exported: part of the config's API
 from authproxy.service_config import ServiceConfig, load_services
 from authproxy.service_config import parse_upstream as parse_upstream  # re-exported: part of the config's API
+from authproxy.store.base import StoreError
+from authproxy.store.crypto import read_key_file
 from authproxy.settings import INVALID, ConfigError, FieldError, FilePath, child_node, join_keypath, key_lines, line_suffix, resolve_path
 
 KEY_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
@@ -116,6 +118,10 @@ class StoreConfig:
             raise FieldError("url", "must not hold a password: use password_file (or password, password_command)")
         if self.key_file is None:
             raise FieldError("key_file", "required with a store: the credentials kept there are encrypted with a key derived from this file")
+        try:
+            read_key_file(self.key_file)  # an empty or short key would seal what no other replica opens
+        except StoreError as e:
+            raise FieldError("key_file", str(e).removeprefix("store.key_file ")) from None
         if self.ca_file is not None and scheme != "rediss":
             raise FieldError("ca_file", "only used with a rediss:// url")
         if not self.prefix or any(c.isspace() for c in self.prefix):

@@ -338,3 +338,30 @@ def test_example_config_least_privilege_examples() -> None:
     active = "\n".join(lines[:start] + block + lines[end:]).replace("  keys: []", "  # keys: []", 1)
     cfg = load_config_text(active, env={"OPS_KEY": "ops-key-x"}, path=str(root / "config.example.yaml"))
     assert [(k.name, k.services) for k in cfg.inbound.keys] == [("triage-agent", ("echo-header",)), ("key1", None)]
+
+
+def test_store_needs_a_real_key_file(tmp_path):
+    """An empty or short store.key_file is a configuration error (exit 2), never a
+    traceback at start: a replica with a blank key would seal what no other opens."""
+    from authproxy.config import load_config_text
+    from authproxy.settings import ConfigError
+
+    empty = tmp_path / "empty.key"
+    empty.write_text("\n")
+    short = tmp_path / "short.key"
+    short.write_text("abc")
+    good = tmp_path / "good.key"
+    good.write_text("0123456789abcdef0123456789abcdef\n")
+    for key, message in ((empty, "is empty"), (short, "fewer than 16"), (None, "key_file: required")):
+        doc = "store: {url: 'redis://127.0.0.1:6379/0'" + (f", key_file: '{key}'" if key else "") + "}\n"
+        with pytest.raises(ConfigError, match=message):
+            load_config_text(doc, env={})
+    cfg = load_config_text(f"store: {{url: 'redis://127.0.0.1:6379/0', key_file: '{good}'}}\nworkers: auto\n", env={})
+    assert cfg.store is not None and cfg.store.prefix == "authproxy:" and cfg.workers >= 1
+    for bad in ("0", "-1", "two", "257"):
+        with pytest.raises(ConfigError, match="workers"):
+            load_config_text(f"workers: {bad}\n", env={})
+    with pytest.raises(ConfigError, match="store.url"):
+        load_config_text(f"store: {{url: 'http://x', key_file: '{good}'}}\n", env={})
+    with pytest.raises(ConfigError, match="password_file"):
+        load_config_text(f"store: {{url: 'redis://:pw@x:6379/0', key_file: '{good}'}}\n", env={})

@@ -156,6 +156,7 @@ class OAuth2State:
     refresh_tokens_presented: list[str] = field(default_factory=list)
     refresh_reuse: int = 0  # rotated-out refresh tokens presented (each kills a grant)
     token_requests_abandoned: int = 0  # its client went away during token_delay: never processed
+    arrivals: list[Any] = field(default_factory=list)  # the client address of each token request, on arrival
     revocations: list[str] = field(default_factory=list)  # token_type_hint of each revocation
     authorize_requests: int = 0
     api_ok: int = 0
@@ -353,6 +354,7 @@ def _verify_assertion(request: web.Request, form: dict[str, str]) -> Client:
 
 async def _token(request: web.Request) -> web.Response:
     st = request.app[STATE]
+    st.arrivals.append(request.transport.get_extra_info("peername") if request.transport else None)
     if st.token_delay:
         # A busy server: the request waits before it is read. A client that went away
         # meanwhile (killed, timed out) left nothing to process — its refresh token
