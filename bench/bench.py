@@ -789,7 +789,7 @@ def main(argv=None):
     ap.add_argument("--size", type=parse_size, help="streaming size (default 1G; --quick 256M)")
     ap.add_argument("--stream-rounds", type=int,
                     help="interleaved download/upload rounds, median reported (default 5; --quick 1)")
-    ap.add_argument("--connections", default="32,128", help="wrk connection counts (default 32,128)")
+    ap.add_argument("--connections", help="wrk connection counts (default 32,128)")
     ap.add_argument("--targets", default=",".join(DEFAULT_TARGETS),
                     help="comma-separated, from %s (default: all but naive-uvloop)" % ",".join(TARGETS))
     ap.add_argument("--single-flight", type=int, default=1000, metavar="N",
@@ -805,12 +805,21 @@ def main(argv=None):
     ap.add_argument("--out", help="also write the markdown here (default: bench/results/<time>.md)")
     ap.add_argument("--json", help="also write raw results as JSON here")
     ap.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (logs, configs)")
+    ap.add_argument("--scale-out", action="store_true",
+                    help="only the scale-out section (bench/workers.py, ~3 minutes): workers: 1 vs 2, with and "
+                         "without a Redis store, and the latency of a Redis-backed first request "
+                         "(defaults there: --duration 5, --rounds 2, --connections 32)")
+    sys.path.insert(0, HERE)
+    import workers as scale_out
+    scale_out.add_arguments(ap)
     a = ap.parse_args(argv)
+    if a.scale_out:
+        return scale_out.main(a=a)
     a.duration = a.duration or (3 if a.quick else 10)
     a.rounds = a.rounds or (1 if a.quick else 3)
     a.size = a.size or (256 * MIB if a.quick else 1024 * MIB)
     a.stream_rounds = a.stream_rounds or (1 if a.quick else 5)
-    conns_list = [int(c) for c in a.connections.split(",") if c.strip()]
+    conns_list = [int(c) for c in (a.connections or "32,128").split(",") if c.strip()]
     targets = [t for t in a.targets.split(",") if t]
     for t in targets:
         if t not in TARGETS:
