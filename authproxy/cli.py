@@ -40,8 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("service", metavar="SERVICE")
     t.add_argument("--json", action="store_true", help='print {"headers": {...}, "query": {...}} with every injected part')
     t.add_argument("--obo", metavar="ID", help="app_token: that user's on-behalf-of token")
-    lg = cfg(sub.add_parser("login", help="OAuth 2.0 authorization-code login"))
+    lg = cfg(sub.add_parser("login", help="OAuth 2.0 login: authorization code, or the device flow (--device)"))
     lg.add_argument("service", metavar="SERVICE")
+    lg.add_argument("--device", action="store_true", help="the device authorization grant (RFC 8628): for a machine without a browser")
     lo = cfg(sub.add_parser("logout", help="revoke every credential authproxy holds for SERVICE, then forget it"))
     lo.add_argument("service", metavar="SERVICE")
     r = cfg(sub.add_parser("rotate", help="app_token: create a new app token and store it"))
@@ -98,14 +99,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         from authproxy.proxy.app import serve
 
         return _run_async(serve(config, path))
-    from authproxy.schemes.base import CliIO
+    from authproxy.schemes.base import CliIO, Interactive, Rotatable
 
     service = _service(config, args.service)
     steps: dict[str, Callable[[Any], Awaitable[int]]] = {
         "token": lambda rt: _token(rt, args.json, args.obo),
-        "login": lambda rt: _done(rt.scheme.login(CliIO())),
+        "login": lambda rt: _done(_capable(rt, Interactive, "has no login step").login(CliIO(), device=args.device)),
         "logout": _logout,
-        "rotate": lambda rt: _done(rt.scheme.rotate(CliIO(), args.seconds, args.expire_old)),
+        "rotate": lambda rt: _done(_capable(rt, Rotatable, "has nothing to rotate").rotate(CliIO(), args.seconds, args.expire_old)),
     }
     return _run_async(_with_runtime(config, service, steps[args.command]))
 
@@ -206,12 +207,12 @@ async def _with_runtime(config: Config, name: str, step: Callable[[Any], Awaitab
 
 
 async def _token(rt: Any, as_json: bool, obo: str | None) -> int:
-    from authproxy.schemes.base import Forbidden, UpstreamReply
+    from authproxy.schemes.base import Forbidden, Keyed, UpstreamReply, exported
 
     key = None
     if obo is not None:
         try:
-            key = rt.scheme.credential_key({"X-Authproxy-On-Behalf-Of": obo})
+            key = rt.scheme.credential_key({"X-Authproxy-On-Behalf-Of": obo}) if isinstance(rt.scheme, Keyed) else None
         except Forbidden as e:
             print(f"authproxy: {e.message}", file=sys.stderr)
             return EXIT_USAGE
@@ -223,7 +224,7 @@ async def _token(rt: Any, as_json: bool, obo: str | None) -> int:
     except UpstreamReply as e:
         print(f"authproxy: {rt.name}: the upstream refused: HTTP {e.status} {e.body[:300].decode('utf-8', 'replace')}", file=sys.stderr)
         return EXIT_FAIL
-    print(json.dumps(rt.scheme.exported(cred)) if as_json else rt.scheme.printable(cred))
+    print(json.dumps(exported(rt.scheme, cred)) if as_json else cred.token.reveal())
     return EXIT_OK
 
 
@@ -231,6 +232,15 @@ async def _logout(rt: Any) -> int:
     n = await rt.creds.logout()
     print(f"{rt.name}: revoked {n} credential{'s' if n != 1 else ''}; local state deleted")
     return EXIT_OK
+
+
+def _capable(rt: Any, capability: type, missing: str) -> Any:
+    """The scheme, if it has ``capability``; else the command does not apply (exit 2)."""
+    from authproxy.schemes.base import NotSupported
+
+    if not isinstance(rt.scheme, capability):
+        raise NotSupported(f"scheme {rt.config.scheme} {missing}")
+    return rt.scheme
 
 
 async def _done(step: Awaitable[None]) -> int:

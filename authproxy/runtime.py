@@ -21,7 +21,7 @@ from authproxy.credentials import ServiceCredentials
 from authproxy.metrics import Metrics
 from authproxy.http1.pool import Pool
 from authproxy.schemes import SCHEMES
-from authproxy.schemes.base import Scheme, SchemeContext
+from authproxy.schemes.base import Scheme, SchemeContext, Stateful
 from authproxy.store.base import Store
 
 REVOKE_BUDGET = 5.0  # seconds for all logoff/expire steps at shutdown
@@ -111,7 +111,8 @@ class ServiceRuntime:
                 await self.creds.shutdown()
             else:
                 await self.creds.stop()
-                await self.scheme.close()
+                if isinstance(self.scheme, Stateful):
+                    await self.scheme.close()
         finally:
             await self.pool.close()
             await self.session.close()

@@ -31,7 +31,7 @@ from authproxy.credentials.records import CreatedRecords
 from authproxy.credentials.shared import SharedSlots
 from authproxy.metrics import Metrics
 from authproxy.observe import log_event
-from authproxy.schemes.base import Credential, CredentialError, LoginRequired, Scheme, UpstreamReply
+from authproxy.schemes.base import Credential, CredentialError, LoginRequired, Scheme, Stateful, UpstreamReply
 from authproxy.secret import Secret, redactor_for
 from authproxy.store.base import StoreError
 from authproxy.tracing import tracing
@@ -71,7 +71,7 @@ class ServiceCredentials:
         # Several processes share the credentials: read what they stored, fetch under the lock.
         self.shared = SharedSlots(name, store, self._identity, clock) if shared else None
         self._loaded: asyncio.Future[None] | None = None
-        scheme.bind(self)
+        scheme.ctx.credentials = _Access(self)  # what a scheme may ask of its sibling credentials
 
     async def _ensure_loaded(self) -> None:
         """Read what the store keeps (once): the scheme's documents, then the record of
@@ -81,7 +81,8 @@ class ServiceCredentials:
         await asyncio.shield(self._loaded)
 
     async def _load(self) -> None:
-        await self.scheme.prepare()
+        if isinstance(self.scheme, Stateful):
+            await self.scheme.prepare()
         newest = await self.records.load()
         if self.shared is not None:
             self.shared.reusable = newest  # the store's current one comes first
@@ -170,7 +171,8 @@ class ServiceCredentials:
         key = cred.key
         if self._cache.get(key) is cred:
             self._drop(key)
-            self.scheme.on_rejected(cred)
+            if isinstance(self.scheme, Stateful):
+                self.scheme.on_rejected(cred)
             if self.shared is not None:
                 self.shared.rejected(key, cred)
                 self._background(self.shared.invalidate_quietly(key, cred))
@@ -419,13 +421,15 @@ class ServiceCredentials:
         await self.stop()
         if revoke and self.scheme.revoke_on_exit and self.shared is None:
             await self.revoke_created()
-        await self.scheme.close()
+        if isinstance(self.scheme, Stateful):
+            await self.scheme.close()
 
     async def logout(self) -> int:
         """Revoke and forget every credential of the service, for every process sharing the store."""
         await self.stop()
         n = await self.revoke_created()
-        n += await self.scheme.logout() or 0
+        if isinstance(self.scheme, Stateful):
+            n += await self.scheme.logout()
         if self.shared is not None:
             with contextlib.suppress(StoreError):
                 await self.scheme.ctx.store.delete(self.shared.doc_name(None))
@@ -433,3 +437,24 @@ class ServiceCredentials:
         self._svc = None
         await self.records.clear()
         return n
+
+
+class _Access:
+    """The door a scheme gets to its service's credentials (``ctx.credentials``):
+    get / current / rejected, with the manager's cache, single-flight, persistence
+    and sharing behind them — and failures as CredentialError, the scheme's own terms."""
+
+    def __init__(self, manager: ServiceCredentials) -> None:
+        self._manager = manager
+
+    async def get(self, key: str | None = None) -> Credential:
+        try:
+            return await self._manager.get(key)
+        except Unavailable as e:
+            raise CredentialError(e.message.removeprefix(f"{self._manager.name}: ")) from None
+
+    def current(self, key: str | None = None) -> Credential | None:
+        return self._manager.current(key)
+
+    def rejected(self, cred: Credential) -> None:
+        self._manager.rejected(cred)

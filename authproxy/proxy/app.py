@@ -37,6 +37,7 @@ from authproxy.proxy.listen import open_listeners
 from authproxy.proxy.policy import Policy
 from authproxy.proxy.routing import Router
 from authproxy.runtime import ServiceRuntime
+from authproxy.schemes.base import Stateful
 from authproxy.secret import CALLBACK_PARAMS, Redactor, UrlMasker, collect_secrets
 from authproxy.store import Store, open_store
 from authproxy.tracing import tracing
@@ -165,7 +166,8 @@ class ProxyServer:
                 setup_logging(new.log.level, new.log.format)  # only where this process set logging up
             for name, rt in runtimes.items():
                 if name in keep:
-                    await rt.scheme.reload()
+                    if isinstance(rt.scheme, Stateful):
+                        await rt.scheme.reload()
                 else:
                     rt.creds.start()
             for name, rt in old.items():

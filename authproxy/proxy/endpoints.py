@@ -16,6 +16,7 @@ from urllib.parse import parse_qsl
 
 from authproxy import worker_stats
 from authproxy.proxy.errors import ProxyError, reason
+from authproxy.schemes.base import Interactive
 
 if TYPE_CHECKING:
     from authproxy.http1.server import Exchange
@@ -46,6 +47,8 @@ async def answer_reserved(ex: Exchange, raw: str, guard: Guard, runtimes: Mappin
         params = dict(pairs)
         if len(params) != len(pairs):
             raise ProxyError("bad_request", "a parameter is repeated in the callback (RFC 6749 §3.1)", name)
+        if not isinstance(rt.scheme, Interactive):
+            raise ProxyError("no_route", f"service {name} has no login callback", name)
         status, text = await rt.scheme.callback(params)
         await ex.respond(status, reason(status), [("Content-Type", "text/html; charset=utf-8"), ("Cache-Control", "no-store")], text.encode())
         return status

@@ -34,7 +34,8 @@ from authproxy.proxy.location import rewrite_location
 from authproxy.proxy.errors import ProxyError
 from authproxy.proxy.headers import REQUEST_DROP, RESPONSE_DROP, end_to_end
 from authproxy.proxy.scrub import Scrubber, injected_values, is_compressed
-from authproxy.schemes.base import Credential, Forbidden, Outgoing, Scheme, UpstreamReply
+from authproxy.schemes.base import Credential, Forbidden, Keyed, Outgoing, ReadsRejectionBodies, RepliesLocally, UpstreamReply
+from authproxy.schemes.base import exported as exported_parts
 from authproxy.secret import SECRET_PARAMS
 from authproxy.tracing import tracing
 
@@ -87,11 +88,13 @@ class Forwarder:
         self.upstream = cfg.upstream
         self.max_replay = cfg.max_replay_body
         self.body_timeout = cfg.timeout.total
-        self.drop = REQUEST_DROP | {h.lower() for h in rt.scheme.strip_headers()}
+        keyed = isinstance(rt.scheme, Keyed)
+        self.drop = REQUEST_DROP | {h.lower() for h in (rt.scheme.consumed_headers if keyed else ())}  # type: ignore[attr-defined]
         self.secret_names = SECRET_PARAMS | {p.lower() for p in rt.scheme.secret_params}
         # Only schemes that pick a credential per request (on-behalf-of) pay for asking.
-        self.wants_key = type(rt.scheme).credential_key is not Scheme.credential_key
-        self.answers_locally = type(rt.scheme).local_reply is not Scheme.local_reply
+        self.wants_key = keyed
+        self.answers_locally = isinstance(rt.scheme, RepliesLocally)
+        self.reads_bodies = isinstance(rt.scheme, ReadsRejectionBodies)
         self.scrub = cfg.scrub_responses
         self._scrubbers: dict[Credential, tuple[tuple[tuple[str, str], ...], Scrubber]] = {}
 
@@ -140,7 +143,7 @@ class Forwarder:
         key = None
         if self.wants_key:
             try:
-                key = self.scheme.credential_key(ex.headers)
+                key = self.scheme.credential_key(ex.headers)  # type: ignore[attr-defined]
             except Forbidden as e:
                 raise ProxyError(e.code, e.message, name) from None
         elif ON_BEHALF_OF in ex.headers:
@@ -161,7 +164,8 @@ class Forwarder:
         method = ex.method
         path = self.base_path + rest if rest else (self.base_path or "/")
         if self.answers_locally:
-            local = self.scheme.local_reply(Outgoing(headers=headers, query=query, body=body, method=method, path=path))
+            out = Outgoing(headers=headers, query=query, body=body, method=method, path=path)
+            local = self.scheme.local_reply(out)  # type: ignore[attr-defined]
             if local is not None:
                 raise self._passthrough(local, cred)
         attempt = 0
@@ -177,7 +181,7 @@ class Forwarder:
             try:
                 small: bytes | None = None
                 rest_stream: AsyncIterator[bytes] | None = None
-                if self.scheme.rejection_needs_body(resp.status, resp.headers):
+                if self.reads_bodies and self.scheme.rejection_needs_body(resp.status, resp.headers):  # type: ignore[attr-defined]
                     small, rest_stream = await self._peek(resp)
                 if self.scheme.is_rejection(resp.status, resp.headers, small if rest_stream is None else None):
                     self.creds.rejected(cred)
@@ -289,7 +293,7 @@ class Forwarder:
                     break
             else:
                 return entry[1]
-        exported = self.scheme.exported(cred)
+        exported = exported_parts(self.scheme, cred)
         scrubber = Scrubber(injected_values(exported))
         if len(self._scrubbers) >= SCRUB_CACHE_MAX:
             self._scrubbers.clear()
@@ -303,7 +307,7 @@ class Forwarder:
             return Passthrough(reply)
         values: list[str] = []
         if cred is not None:
-            values = injected_values(self.scheme.exported(cred))
+            values = injected_values(exported_parts(self.scheme, cred))
         values += [s.reveal() if hasattr(s, "reveal") else s for s in self.scheme.ctx.known_secrets() if s]
         scrubber = Scrubber(values)
         headers, scrubbed = scrubber.headers(list(reply.headers.items()))

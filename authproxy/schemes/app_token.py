@@ -24,7 +24,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 from urllib.parse import quote
 
 from authproxy.observe import log_event
@@ -37,16 +37,16 @@ from authproxy.schemes.base import (
     NotSupported,
     Outgoing,
     Reply,
+    Keyed,
+    Rotatable,
     Scheme,
+    Stateful,
     SchemeContext,
     UpstreamReply,
 )
 from authproxy.secret import Secret
 from authproxy.settings import FieldError
 from authproxy.store.base import StoreError
-
-if TYPE_CHECKING:
-    from authproxy.credentials import ServiceCredentials
 
 ON_BEHALF_OF = "X-Authproxy-On-Behalf-Of"
 APP_TOKEN_DOC = "app_token"  # the rotated app token, in the service's corner of the state dir
@@ -122,16 +122,16 @@ def _plausible_user_id(user: str) -> bool:
 # --------------------------------------------------------------------------- the scheme
 
 
-class AppTokenScheme(Scheme):
+class AppTokenScheme(Scheme, Keyed, Rotatable, Stateful):
     Config = AppTokenConfig
     revoke_replaced = True  # a user token replaced by an early re-login is expired at once
+    consumed_headers = (ON_BEHALF_OF,)
     persist_created = True  # created user and OBO tokens survive a restart (and kill -9)
 
     config: AppTokenConfig
 
     def __init__(self, ctx: SchemeContext) -> None:
         super().__init__(ctx)
-        self._manager: "ServiceCredentials | None" = None
         self._login_url = ctx.upstream_url(self.config.login_path)
         self._tokens_url = ctx.upstream_url(self.config.tokens_path)
         self._app_tokens_url = ctx.upstream_url(self.config.app_tokens_path)
@@ -145,9 +145,6 @@ class AppTokenScheme(Scheme):
 
     async def prepare(self) -> None:
         await self._reload_app_token(initial=True)
-
-    def bind(self, credentials: "ServiceCredentials") -> None:
-        self._manager = credentials
 
     # ------------------------------------------------------------------ what a scheme says
     async def obtain(self, key: str | None) -> Credential:
@@ -174,7 +171,7 @@ class AppTokenScheme(Scheme):
         cred, generation = self._sent.get(key, (None, self._app_generation))
         if cred is None or generation == self._app_generation or not cred.created:
             return None
-        if self._manager is not None and self._manager.current(key) is cred:
+        if self.ctx.credentials is not None and self.ctx.credentials.current(key) is cred:
             return None  # not rejected, just due for renewal: renew it
         if cred.expires_at is not None and cred.expires_at <= time.time() + 1:
             return None
@@ -208,9 +205,6 @@ class AppTokenScheme(Scheme):
         if "*" not in obo.allow_users and user not in obo.allow_users:
             raise Forbidden("obo_forbidden", f"service {name} may not act on behalf of user {user} (obo.allow_users)")
         return user
-
-    def strip_headers(self) -> tuple[str, ...]:
-        return (ON_BEHALF_OF,)
 
     async def revoke(self, cred: Credential) -> None:
         """Expire a created user or OBO token, authenticated as itself (so expiring the
@@ -246,15 +240,9 @@ class AppTokenScheme(Scheme):
 
     async def _service_credential(self) -> Credential:
         """The service user's own token, through the manager (cache, single-flight, persistence)."""
-        from authproxy.credentials import Unavailable
-
-        if self._manager is None:  # pragma: no cover - ServiceCredentials always binds
-            raise CredentialError("app_token: no credential manager bound")
-        try:
-            return await self._manager.get(None)
-        except Unavailable as e:
-            prefix = f"{self.ctx.service.name}: "
-            raise CredentialError(e.message.removeprefix(prefix)) from None
+        if self.ctx.credentials is None:  # pragma: no cover - the manager always sets it
+            raise CredentialError("app_token: no credential manager")
+        return await self.ctx.credentials.get(None)
 
     # ------------------------------------------------------------------ on-behalf-of tokens
     async def _obo_token(self, user: str) -> Credential:
@@ -281,9 +269,9 @@ class AppTokenScheme(Scheme):
         for attempt in range(2):
             service = await self._service_credential()
             reply = await self.ctx.request("POST", url, what=what, json_body=body, headers=self._headers(service.token, app))
-            if reply.status != 401 or attempt or self._manager is None:
+            if reply.status != 401 or attempt or self.ctx.credentials is None:
                 break
-            self._manager.rejected(service)
+            self.ctx.credentials.rejected(service)
         assert reply is not None
         return reply
 

@@ -37,7 +37,19 @@ from typing import Mapping
 from xml.etree import ElementTree
 
 from authproxy.observe import log_event
-from authproxy.schemes.base import MASK_WINDOW, Credential, CredentialError, Outgoing, Reply, Scheme, SchemeContext, UpstreamReply
+from authproxy.schemes.base import (
+    MASK_WINDOW,
+    Credential,
+    CredentialError,
+    Outgoing,
+    ReadsRejectionBodies,
+    RepliesLocally,
+    Reply,
+    Scheme,
+    SchemeContext,
+    Stateful,
+    UpstreamReply,
+)
 from authproxy.schemes.fogbugz_body import (
     NOT_LOGGED_ON,
     PARAM,
@@ -111,7 +123,7 @@ class FogBugzConfig:
             raise FieldError("api_path", "must be a path starting with '/' (e.g. /api.asp), without a query")
 
 
-class FogBugzScheme(Scheme):
+class FogBugzScheme(Scheme, Stateful, RepliesLocally, ReadsRejectionBodies):
     Config = FogBugzConfig
     secret_params = (PARAM, "password")
     # A logon token replaced while still valid is a live credential nobody uses: log it off.

@@ -32,7 +32,7 @@ from urllib.parse import urlsplit
 
 from authproxy.observe import log_event
 from authproxy.schemes import rfc7009
-from authproxy.schemes.base import CliIO, Credential, CredentialError, LoginRequired, Outgoing, Scheme, SchemeContext
+from authproxy.schemes.base import CliIO, Credential, CredentialError, Interactive, LoginRequired, Outgoing, Scheme, SchemeContext, Stateful
 from authproxy.schemes.oauth2_login import LOGIN_DOC, CodeLogin
 from authproxy.schemes.rfc6749 import RESERVED_PARAMS, ClientAuth, ClientAuthMethod, OAuthError, TokenEndpoint, TokenReply
 from authproxy.schemes.rfc7523 import MAX_LIFETIME, AssertionSigner, KeyFileError, load_private_key
@@ -140,7 +140,7 @@ def _check_url(key: str, value: str) -> None:
 # --------------------------------------------------------------------------- the scheme
 
 
-class OAuth2Scheme(Scheme):
+class OAuth2Scheme(Scheme, Interactive, Stateful):
     Config = OAuth2Config
 
     def __init__(self, ctx: SchemeContext) -> None:
@@ -153,7 +153,6 @@ class OAuth2Scheme(Scheme):
         self._dead: tuple[float | None, str] | None = None
         self._unsaved: Secret | None = None  # a rotated refresh token the state dir refused
         self._handoff: Credential | None = None  # the access token a login in this process got
-        self._creds: Any = None  # the service's credential manager (see bind)
         self._watcher: asyncio.Task[None] | None = None
         self._nudge: asyncio.Task[None] | None = None
         self._login = CodeLogin(self)
@@ -191,9 +190,6 @@ class OAuth2Scheme(Scheme):
     def apply(self, out: Outgoing, cred: Credential) -> None:
         out.headers["Authorization"] = "Bearer " + cred.token.reveal()
 
-    def bind(self, credentials: Any) -> None:
-        self._creds = credentials
-
     async def close(self) -> None:
         for task in (self._watcher, self._nudge):
             if task is not None:
@@ -205,7 +201,7 @@ class OAuth2Scheme(Scheme):
     def _watch_store(self) -> None:
         """While a person must log in, watch the state dir: once a login (from any
         process) stores a refresh token, fetch at once, so readiness does not wait for a request."""
-        if self._creds is not None and (self._watcher is None or self._watcher.done()):
+        if self.ctx.credentials is not None and (self._watcher is None or self._watcher.done()):
             self._watcher = asyncio.ensure_future(self._watch())
 
     async def _watch(self) -> None:
@@ -221,7 +217,7 @@ class OAuth2Scheme(Scheme):
 
     async def _fetch_now(self) -> None:
         with contextlib.suppress(Exception):
-            await self._creds.get(None)
+            await self.ctx.credentials.get(None)  # type: ignore[union-attr]
 
     async def reload(self) -> None:
         """SIGHUP: re-read the key file (rotated under the same name) and the store."""
@@ -366,7 +362,7 @@ class OAuth2Scheme(Scheme):
         return doc if isinstance(doc, dict) else None
 
     # ------------------------------------------------------------------ authorization_code: login
-    async def login(self, cli: CliIO) -> None:
+    async def login(self, cli: CliIO, device: bool = False) -> None:
         await self._login.login(cli)
 
     async def callback(self, params: Mapping[str, str]) -> tuple[int, str]:
@@ -394,7 +390,7 @@ class OAuth2Scheme(Scheme):
     def use_login_now(self) -> None:
         """A login completed in this process (the proxy's callback): fetch now, so the
         service is ready at once rather than at its next request."""
-        if self._creds is not None:
+        if self.ctx.credentials is not None:
             self._nudge = asyncio.ensure_future(self._fetch_now())
 
     async def read_quiet(self, name: str) -> Any:

@@ -73,16 +73,14 @@ class HeaderScheme(_Static):
         self._headers = [(k, v.reveal()) for k, v in self.config.headers.items()]
 
     async def obtain(self, key: str | None) -> Credential:
-        return Credential(token=next(iter(self.config.headers.values())))
+        # The value `authproxy token` prints: the one header's value, else every header.
+        if len(self._headers) == 1:
+            return Credential(token=self.config.headers[self._headers[0][0]])
+        return Credential(token=Secret("\n".join(f"{k}: {v}" for k, v in self._headers)))
 
     def apply(self, out: Outgoing, cred: Credential) -> None:
         for name, value in self._headers:
             out.headers[name] = value
-
-    def printable(self, cred: Credential) -> str:
-        if len(self._headers) == 1:
-            return self._headers[0][1]
-        return "\n".join(f"{k}: {v}" for k, v in self._headers)
 
 
 class QueryScheme(_Static):
@@ -94,13 +92,11 @@ class QueryScheme(_Static):
         self.secret_params = tuple(self.config.params)  # type: ignore[misc]
 
     async def obtain(self, key: str | None) -> Credential:
-        return Credential(token=next(iter(self.config.params.values())))
+        # The value `authproxy token` prints: the one parameter's value, else every one.
+        if len(self._params) == 1:
+            return Credential(token=self.config.params[self._params[0][0]])
+        return Credential(token=Secret("\n".join(f"{k}={v}" for k, v in self._params)))
 
     def apply(self, out: Outgoing, cred: Credential) -> None:
         for name, value in self._params:
             out.query = set_query_param(out.query, name, value)
-
-    def printable(self, cred: Credential) -> str:
-        if len(self._params) == 1:
-            return self._params[0][1]
-        return "\n".join(f"{k}={v}" for k, v in self._params)
