@@ -27,326 +27,38 @@ below; set ``OAUTH2_MOCK_PUBLIC_KEY=public-key.pem`` to register
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
-import hmac
 import html
 import json
 import os
 import secrets
 import time
-from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
-from urllib.parse import parse_qsl, quote, unquote_plus, urlencode, urlsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
-import jwt
 from aiohttp import web
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from authproxy.schemes import rfc7636
 from authproxy.testing import DemoService, TourStep
-
-STATE: web.AppKey["OAuth2State"] = web.AppKey("oauth2_state")
-
-TOKEN_PATH = "/auth/token"
-AUTHORIZE_PATH = "/auth/authorize"
-REVOKE_PATH = "/auth/revoke"
-API_PATH = "/api"
-OOB = "urn:ietf:wg:oauth:2.0:oob"
-ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
-MAX_ASSERTION_LIFETIME = 120
-LEEWAY = 5  # seconds of clock skew allowed on assertion times
-CODE_LIFETIME = 60
-SECRET_METHODS = frozenset({"client_secret_post", "client_secret_basic"})
-ALL_GRANTS = frozenset({"client_credentials", "authorization_code", "refresh_token"})
-LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
-SECRET_PARAMS = frozenset({"client_secret", "client_assertion", "refresh_token", "code", "code_verifier", "token"})
-
-# The clients `python -m authproxy.testing oauth2` and `authproxy demo` know.
-DEMO_CLIENT_ID = "demo-client"
-DEMO_CLIENT_SECRET = "demo-secret"
-DEMO_REDIRECTS = (
+from authproxy.testing.oauth2_client_auth import authenticate, issuer as _issuer
+from authproxy.testing.oauth2_grants import GRANTS, scope_for as _scope
+from authproxy.testing.oauth2_model import *  # noqa: F403 - the mock's data is part of its API
+from authproxy.testing.oauth2_model import (
+    API_PATH,
+    AUTHORIZE_PATH,
+    CODE_LIFETIME,
+    DEMO_CLIENT_ID,
+    DEMO_CLIENT_SECRET,
+    LOOPBACK_HOSTS,
     OOB,
-    "http://127.0.0.1/callback",
-    "http://localhost/callback",
-    "http://[::1]/callback",
-    "http://127.0.0.1/-/callback/*",
-    "http://localhost/-/callback/*",
-    "http://[::1]/-/callback/*",
+    REVOKE_PATH,
+    SECRET_PARAMS,
+    STATE,
+    TOKEN_PATH,
+    Client,
+    Code,
+    OAuth2State,
+    OAuthFail,
 )
-
-
-# --------------------------------------------------------------------------- registrations and records
-
-
-@dataclass
-class Client:
-    """A registered client. ``redirect_uris``: exact, except that a loopback one
-    matches on any port (RFC 8252 §7.3) and one ending in ``*`` matches a path prefix."""
-
-    client_id: str
-    secret: str | None = None
-    public_key_pem: bytes | None = None
-    methods: frozenset[str] = SECRET_METHODS
-    grants: frozenset[str] = ALL_GRANTS
-    redirect_uris: tuple[str, ...] = DEMO_REDIRECTS
-    scopes: frozenset[str] = frozenset({"read", "write", "offline_access"})
-    default_scope: str = "read"
-
-    @property
-    def public(self) -> bool:
-        return self.methods == frozenset({"none"})
-
-
-@dataclass
-class Grant:
-    grant_id: str
-    client_id: str
-    scope: str
-    active: bool = True
-
-
-@dataclass
-class AccessToken:
-    client_id: str
-    scope: str
-    expires_at: float | None
-    serial: int
-    grant_id: str | None = None
-    revoked: bool = False
-
-
-@dataclass
-class RefreshToken:
-    client_id: str
-    grant_id: str
-    rotated: bool = False  # replaced by a newer one: presenting it again is reuse
-
-
-@dataclass
-class Code:
-    client_id: str
-    redirect_uri: str
-    scope: str
-    challenge: str | None
-    expires_at: float
-    used: bool = False
-    grant_id: str | None = None
-
-
-@dataclass
-class OAuth2State:
-    clients: dict[str, Client]
-    issuer: str | None = None  # None: http://HOST of the request
-    token_lifetime: int | None = 3600  # None: replies carry no expires_in
-    rotate_refresh_tokens: bool = True
-    token_type: str = "bearer"
-    send_iss: bool = True  # iss in authorization responses (RFC 9207)
-    iss_override: str | None = None  # send this iss instead (a mix-up attack)
-    authorize_error: str | None = None  # e.g. access_denied: the person said no
-    token_delay: float = 0.0  # seconds every token request takes
-    fail_next: list[tuple[int, str, str]] = field(default_factory=list)  # (status, body, content type)
-    # counters
-    token_requests: Counter[str] = field(default_factory=Counter)  # by grant_type
-    token_errors: Counter[str] = field(default_factory=Counter)  # by error code
-    token_params: list[dict[str, str]] = field(default_factory=list)  # each request's form, secret values as ***
-    refresh_tokens_presented: list[str] = field(default_factory=list)
-    refresh_reuse: int = 0  # rotated-out refresh tokens presented (each kills a grant)
-    token_requests_abandoned: int = 0  # its client went away during token_delay: never processed
-    arrivals: list[Any] = field(default_factory=list)  # the client address of each token request, on arrival
-    revocations: list[str] = field(default_factory=list)  # token_type_hint of each revocation
-    authorize_requests: int = 0
-    api_ok: int = 0
-    api_rejected: int = 0
-    # records
-    access: dict[str, AccessToken] = field(default_factory=dict)
-    refresh: dict[str, RefreshToken] = field(default_factory=dict)
-    grants: dict[str, Grant] = field(default_factory=dict)
-    codes: dict[str, Code] = field(default_factory=dict)
-    jtis: dict[str, float] = field(default_factory=dict)
-    assertions: list[str] = field(default_factory=list)  # every client assertion received
-    serial: int = 0
-
-    # ---- switches for tests and the demo
-    def revoke_access_tokens(self) -> None:
-        """Every access token issued so far is now invalid (as after a signing-key rotation)."""
-        for tok in self.access.values():
-            tok.revoked = True
-
-    def revoke_grants(self) -> None:
-        """Every grant is revoked: refresh tokens get invalid_grant (a person must log in again)."""
-        for grant in self.grants.values():
-            self._kill(grant)
-
-    def fail(self, status: int, body: str | dict[str, Any], times: int = 1, content_type: str | None = None) -> None:
-        """Answer the next ``times`` token requests with this reply."""
-        text = json.dumps(body) if isinstance(body, dict) else body
-        ctype = content_type or ("application/json" if isinstance(body, dict) else "text/html")
-        self.fail_next.extend([(status, text, ctype)] * times)
-
-    def valid_refresh_tokens(self) -> list[str]:
-        return [t for t, r in self.refresh.items() if not r.rotated and self.grants[r.grant_id].active]
-
-    # ---- internals
-    def _kill(self, grant: Grant) -> None:
-        grant.active = False
-        for tok in self.access.values():
-            if tok.grant_id == grant.grant_id:
-                tok.revoked = True
-
-    def _issue(self, client: Client, scope: str, grant: Grant | None, with_refresh: bool = True) -> dict[str, Any]:
-        self.serial += 1
-        token = f"at-{secrets.token_urlsafe(24)}"
-        lifetime = self.token_lifetime
-        expires_at = None if lifetime is None else time.time() + lifetime
-        self.access[token] = AccessToken(client.client_id, scope, expires_at, self.serial, grant.grant_id if grant else None)
-        reply: dict[str, Any] = {"access_token": token, "token_type": self.token_type}
-        if lifetime is not None:
-            reply["expires_in"] = lifetime
-        if grant is not None and with_refresh:
-            rt = f"rt-{secrets.token_urlsafe(32)}"
-            self.refresh[rt] = RefreshToken(client.client_id, grant.grant_id)
-            reply["refresh_token"] = rt
-        reply["scope"] = scope
-        return reply
-
-
-class OAuthFail(Exception):
-    """An RFC 6749 §5.2 error reply."""
-
-    def __init__(self, error: str, description: str, status: int = 400, basic: bool = False) -> None:
-        super().__init__(description)
-        self.error = error
-        self.description = description
-        self.status = status
-        self.basic = basic
-
-    def response(self) -> web.Response:
-        headers = {"Cache-Control": "no-store", "Pragma": "no-cache"}
-        if self.basic:
-            headers["WWW-Authenticate"] = 'Basic realm="mock-oauth2", charset="UTF-8"'
-        return web.json_response({"error": self.error, "error_description": self.description}, status=self.status, headers=headers)
-
-
-# --------------------------------------------------------------------------- client authentication
-
-
-def _token_url(request: web.Request) -> str:
-    return f"{request.scheme}://{request.host}{TOKEN_PATH}"
-
-
-def _issuer(request: web.Request) -> str:
-    st = request.app[STATE]
-    return st.issuer or f"{request.scheme}://{request.host}"
-
-
-def authenticate(request: web.Request, form: dict[str, str]) -> tuple[Client, str]:
-    """Who is calling, by exactly one method (RFC 6749 §2.3) → (client, method)."""
-    st = request.app[STATE]
-    header = request.headers.get("Authorization")
-    used = [m for m, present in (
-        ("client_secret_basic", header is not None),
-        ("client_secret_post", "client_secret" in form),
-        ("private_key_jwt", "client_assertion" in form or "client_assertion_type" in form),
-    ) if present]
-    if len(used) > 1:
-        raise OAuthFail("invalid_request", "more than one client authentication method was used (RFC 6749 §2.3)")
-    method = used[0] if used else "none"
-    if method == "client_secret_basic":
-        client_id, secret = _basic(header or "")
-        if "client_id" in form and form["client_id"] != client_id:
-            raise OAuthFail("invalid_request", "client_id in the body differs from the Basic credentials")
-        client = st.clients.get(client_id)
-        if client is None or client.secret is None or not hmac.compare_digest(client.secret.encode(), secret.encode()):
-            raise OAuthFail("invalid_client", "client authentication failed", 401, basic=True)
-    elif method == "client_secret_post":
-        client = st.clients.get(form.get("client_id", ""))
-        if client is None or client.secret is None or not hmac.compare_digest(client.secret.encode(), form["client_secret"].encode()):
-            raise OAuthFail("invalid_client", "client authentication failed", 401)
-    elif method == "private_key_jwt":
-        client = _verify_assertion(request, form)
-    else:
-        client = st.clients.get(form.get("client_id", ""))
-        if client is None:
-            raise OAuthFail("invalid_client", "unknown client or no client authentication", 401)
-        if not client.public:
-            raise OAuthFail("invalid_client", "this client must authenticate", 401)
-    if method not in client.methods:
-        raise OAuthFail("invalid_client", f"this client is not registered for {method}", 401, basic=method == "client_secret_basic")
-    return client, method
-
-
-def _basic(header: str) -> tuple[str, str]:
-    scheme, _, value = header.partition(" ")
-    if scheme.lower() != "basic" or not value:
-        raise OAuthFail("invalid_client", "unsupported Authorization scheme", 401, basic=True)
-    try:
-        decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError):
-        raise OAuthFail("invalid_client", "malformed Basic credentials", 401, basic=True) from None
-    if ":" not in decoded:
-        raise OAuthFail("invalid_client", "malformed Basic credentials", 401, basic=True)
-    raw_id, _, raw_secret = decoded.partition(":")
-    # RFC 6749 §2.3.1: both parts were form-urlencoded before base64.
-    return unquote_plus(raw_id), unquote_plus(raw_secret)
-
-
-def _verify_assertion(request: web.Request, form: dict[str, str]) -> Client:
-    st = request.app[STATE]
-
-    def fail(why: str) -> OAuthFail:
-        return OAuthFail("invalid_client", f"client assertion rejected: {why}", 401)
-
-    if form.get("client_assertion_type") != ASSERTION_TYPE:
-        raise fail(f"client_assertion_type must be {ASSERTION_TYPE}")
-    assertion = form.get("client_assertion", "")
-    st.assertions.append(assertion)
-    try:
-        header = jwt.get_unverified_header(assertion)
-        unverified = jwt.decode(assertion, options={"verify_signature": False})
-    except jwt.PyJWTError:
-        raise fail("not a JWT") from None
-    alg = header.get("alg")
-    if alg not in ("RS256", "ES256"):
-        raise fail(f"alg {alg!r} is not accepted")
-    iss = unverified.get("iss")
-    client = st.clients.get(iss) if isinstance(iss, str) else None
-    if client is None or client.public_key_pem is None:
-        raise fail("iss is not a client registered with a public key")
-    if unverified.get("sub") != iss:
-        raise fail("sub must equal iss (the client_id)")
-    if "client_id" in form and form["client_id"] != iss:
-        raise fail("client_id differs from the assertion's iss")
-    key = serialization.load_pem_public_key(client.public_key_pem)
-    if (alg == "RS256") != isinstance(key, rsa.RSAPublicKey) or (alg == "ES256") != isinstance(key, ec.EllipticCurvePublicKey):
-        raise fail(f"alg {alg} does not match the registered key")
-    try:
-        claims = jwt.decode(
-            assertion,
-            key,  # type: ignore[arg-type]
-            algorithms=[alg],
-            audience=[_token_url(request), _issuer(request)],
-            leeway=LEEWAY,
-            options={"require": ["iss", "sub", "aud", "exp", "iat", "nbf", "jti"]},
-        )
-    except jwt.InvalidSignatureError:
-        raise fail("bad signature") from None
-    except jwt.PyJWTError as e:
-        raise fail(str(e)) from None
-    if claims["exp"] - claims["iat"] > MAX_ASSERTION_LIFETIME:
-        raise fail(f"lives longer than {MAX_ASSERTION_LIFETIME} s")
-    now = time.time()
-    for jti, exp in list(st.jtis.items()):
-        if exp + LEEWAY < now:
-            del st.jtis[jti]
-    jti = str(claims["jti"])
-    if jti in st.jtis:
-        raise fail("jti seen before (replayed assertion)")
-    st.jtis[jti] = float(claims["exp"])
-    return client
 
 
 # --------------------------------------------------------------------------- the token endpoint
@@ -377,16 +89,12 @@ async def _token(request: web.Request) -> web.Response:
         return web.Response(status=status, text=body, content_type=ctype)
     try:
         client, method = authenticate(request, form)
-        if grant not in ALL_GRANTS:
+        handler = GRANTS.get(grant)
+        if handler is None:
             raise OAuthFail("unsupported_grant_type", f"grant_type {grant!r} is not supported")
-        if grant not in client.grants or (grant == "client_credentials" and client.public):
+        if client.grants is not None and grant not in client.grants:
             raise OAuthFail("unauthorized_client", f"this client may not use {grant}")
-        if grant == "client_credentials":
-            reply = st._issue(client, _scope(client, form.get("scope"), None), None)
-        elif grant == "authorization_code":
-            reply = _code_grant(st, client, form)
-        else:
-            reply = _refresh_grant(st, client, form)
+        reply = await handler(request, st, client, form)
     except OAuthFail as e:
         return _failed(st, e)
     return web.json_response(reply, headers={"Cache-Control": "no-store", "Pragma": "no-cache"})
@@ -408,64 +116,6 @@ async def _form(request: web.Request) -> dict[str, str]:
 def _failed(st: OAuth2State, e: OAuthFail) -> web.Response:
     st.token_errors[e.error] += 1
     return e.response()
-
-
-def _scope(client: Client, requested: str | None, allowed: str | None) -> str:
-    if requested is None:
-        return allowed if allowed is not None else client.default_scope
-    wanted = set(requested.split())
-    limit = set(allowed.split()) if allowed is not None else client.scopes
-    if not wanted or not wanted <= limit:
-        raise OAuthFail("invalid_scope", f"scope {requested!r} is not allowed")
-    return " ".join(sorted(wanted))
-
-
-def _code_grant(st: OAuth2State, client: Client, form: dict[str, str]) -> dict[str, Any]:
-    code = st.codes.get(form.get("code", ""))
-    if code is None or code.client_id != client.client_id:
-        raise OAuthFail("invalid_grant", "unknown authorization code")
-    if code.used:
-        if code.grant_id in st.grants:  # RFC 6749 §4.1.2: a code used twice revokes what it gave
-            st._kill(st.grants[code.grant_id])
-        raise OAuthFail("invalid_grant", "authorization code already used")
-    code.used = True
-    if time.time() > code.expires_at:
-        raise OAuthFail("invalid_grant", "authorization code expired")
-    if form.get("redirect_uri") != code.redirect_uri:
-        raise OAuthFail("invalid_grant", "redirect_uri differs from the authorization request")
-    verifier = form.get("code_verifier")
-    if code.challenge is None:
-        if verifier is not None:
-            raise OAuthFail("invalid_grant", "code_verifier given but the authorization request had no code_challenge")
-    else:
-        if verifier is None:
-            raise OAuthFail("invalid_grant", "code_verifier required (PKCE)")
-        if not rfc7636.valid_verifier(verifier) or not hmac.compare_digest(rfc7636.challenge(verifier), code.challenge):
-            raise OAuthFail("invalid_grant", "code_verifier does not match the code_challenge")
-    grant = Grant(secrets.token_hex(8), client.client_id, code.scope)
-    st.grants[grant.grant_id] = grant
-    code.grant_id = grant.grant_id
-    return st._issue(client, code.scope, grant)
-
-
-def _refresh_grant(st: OAuth2State, client: Client, form: dict[str, str]) -> dict[str, Any]:
-    presented = form.get("refresh_token", "")
-    st.refresh_tokens_presented.append(presented)
-    rec = st.refresh.get(presented)
-    if rec is None or rec.client_id != client.client_id:
-        raise OAuthFail("invalid_grant", "unknown refresh token")
-    grant = st.grants[rec.grant_id]
-    if rec.rotated:
-        st.refresh_reuse += 1
-        st._kill(grant)
-        raise OAuthFail("invalid_grant", "refresh token already used; the grant is revoked")
-    if not grant.active:
-        raise OAuthFail("invalid_grant", "the grant has been revoked")
-    scope = _scope(client, form.get("scope"), grant.scope)
-    reply = st._issue(client, scope, grant, with_refresh=st.rotate_refresh_tokens)
-    if st.rotate_refresh_tokens:
-        rec.rotated = True
-    return reply
 
 
 # --------------------------------------------------------------------------- authorization endpoint
@@ -506,7 +156,7 @@ async def _authorize(request: web.Request) -> web.Response:
 
     if q.get("response_type") != "code":
         return error("unsupported_response_type", "only response_type=code is supported")
-    if "authorization_code" not in client.grants:
+    if client.grants is not None and "authorization_code" not in client.grants:
         return error("unauthorized_client", "this client may not use authorization_code")
     try:
         scope = _scope(client, q.get("scope"), None)
@@ -586,7 +236,7 @@ async def _metadata(request: web.Request) -> web.Response:
             "authorization_endpoint": base + AUTHORIZE_PATH,
             "token_endpoint": base + TOKEN_PATH,
             "revocation_endpoint": base + REVOKE_PATH,
-            "grant_types_supported": sorted(ALL_GRANTS),
+            "grant_types_supported": sorted(GRANTS),
             "response_types_supported": ["code"],
             "token_endpoint_auth_methods_supported": ["client_secret_post", "client_secret_basic", "private_key_jwt", "none"],
             "token_endpoint_auth_signing_alg_values_supported": ["RS256", "ES256"],
