@@ -26,115 +26,20 @@ import contextlib
 import json
 import logging
 import time
-from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Literal, Mapping
-from urllib.parse import urlsplit
+from typing import Any, AsyncIterator, Awaitable, Callable, Mapping
 
 from authproxy.observe import log_event
 from authproxy.schemes import rfc7009
 from authproxy.schemes.base import CliIO, Credential, CredentialError, Interactive, LoginRequired, Outgoing, Scheme, SchemeContext, Stateful
 from authproxy.schemes.oauth2_login import LOGIN_DOC, CodeLogin
-from authproxy.schemes.rfc6749 import RESERVED_PARAMS, ClientAuth, ClientAuthMethod, OAuthError, TokenEndpoint, TokenReply
-from authproxy.schemes.rfc7523 import MAX_LIFETIME, AssertionSigner, KeyFileError, load_private_key
-from authproxy.schemes.rfc8252 import OOB, parse_loopback
+from authproxy.schemes.oauth2_config import OAuth2Config
+from authproxy.schemes.rfc6749 import ClientAuth, OAuthError, TokenEndpoint, TokenReply
+from authproxy.schemes.rfc7523 import AssertionSigner, KeyFileError, load_private_key
 from authproxy.secret import Secret
-from authproxy.settings import FieldError, FilePath
 from authproxy.store.base import StoreError
 
 REFRESH_DOC = "refresh"  # the stored refresh token (and the lock around using it)
 WATCH_INTERVAL = 2.0  # while login_required: how often the state dir is checked for a new login
-
-
-# --------------------------------------------------------------------------- configuration
-
-
-@dataclass(frozen=True)
-class OAuth2Config:
-    token_url: str
-    client_id: str
-    grant: Literal["client_credentials", "authorization_code"] = "client_credentials"
-    client_auth: ClientAuthMethod = "client_secret_post"
-    client_secret: Secret | None = None
-    private_key_file: FilePath | None = None
-    jwt_alg: Literal["RS256", "ES256"] = "RS256"
-    jwt_lifetime: int = 60
-    scope: str | None = None
-    extra_params: dict[str, str] = field(default_factory=dict)
-    authorize_url: str | None = None
-    redirect_uri: str = OOB
-    pkce: bool = True
-    revocation_url: str | None = None
-    issuer: str | None = None
-    refresh_margin: float = 60.0
-
-    def check(self) -> None:
-        """Cross-field rules: a setting that would be silently ignored is an error too."""
-        for key in ("token_url", "authorize_url", "revocation_url"):
-            value = getattr(self, key)
-            if value is not None:
-                _check_url(key, value)
-        if not self.client_id.strip():
-            raise FieldError("client_id", "must not be empty")
-        if not 0 < self.jwt_lifetime <= MAX_LIFETIME:
-            raise FieldError("jwt_lifetime", f"must be 1..{MAX_LIFETIME} seconds (an assertion is a short-lived password)")
-        if self.refresh_margin < 0:
-            raise FieldError("refresh_margin", "must not be negative")
-        self._check_client_auth()
-        self._check_grant()
-        if self.scope is not None and (not self.scope.strip() or not all(0x21 <= ord(c) <= 0x7E or c == " " for c in self.scope)):
-            raise FieldError("scope", "space-separated scope names of visible ASCII characters (RFC 6749 §3.3)")
-        for name in self.extra_params:
-            if name in RESERVED_PARAMS:
-                raise FieldError("extra_params", f"{name} is set by authproxy itself; use the matching setting instead")
-
-    def _check_client_auth(self) -> None:
-        method = self.client_auth
-        if method in ("client_secret_post", "client_secret_basic"):
-            if not self.client_secret:
-                raise FieldError("client_secret", f"required with client_auth: {method} (give client_secret or client_secret_file)")
-            if self.private_key_file is not None:
-                raise FieldError("private_key_file", "only used with client_auth: private_key_jwt")
-            return
-        if self.client_secret is not None:
-            raise FieldError("client_secret", f"not used with client_auth: {method}")
-        if method == "private_key_jwt":
-            if self.private_key_file is None:
-                raise FieldError("private_key_file", "required with client_auth: private_key_jwt (a PEM private key)")
-            try:
-                load_private_key(self.private_key_file, self.jwt_alg)
-            except KeyFileError as e:
-                raise FieldError("private_key_file", str(e)) from None
-            return
-        if self.private_key_file is not None:
-            raise FieldError("private_key_file", "only used with client_auth: private_key_jwt")
-        if self.grant != "authorization_code":
-            raise FieldError("client_auth", "none (a public client) works only with grant: authorization_code")
-        if not self.pkce:
-            raise FieldError("pkce", "a public client (client_auth: none) must use PKCE")
-
-    def _check_grant(self) -> None:
-        if self.grant == "authorization_code":
-            if self.authorize_url is None:
-                raise FieldError("authorize_url", "required with grant: authorization_code")
-            if self.redirect_uri != OOB:
-                try:
-                    parse_loopback(self.redirect_uri)
-                except ValueError as e:
-                    raise FieldError("redirect_uri", str(e)) from None
-            return
-        for key in ("authorize_url", "issuer"):
-            if getattr(self, key) is not None:
-                raise FieldError(key, "only used with grant: authorization_code")
-        if self.redirect_uri != OOB:
-            raise FieldError("redirect_uri", "only used with grant: authorization_code")
-
-
-def _check_url(key: str, value: str) -> None:
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise FieldError(key, "must be an absolute http(s) URL, e.g. https://auth.example.com/oauth/token")
-    if parts.fragment or parts.username or parts.password:
-        raise FieldError(key, "must not contain user info or a fragment")
 
 
 # --------------------------------------------------------------------------- the scheme
@@ -179,9 +84,13 @@ class OAuth2Scheme(Scheme, Interactive, Stateful):
     async def obtain(self, key: str | None) -> Credential:
         if self.setup_error is not None:
             raise CredentialError(self.setup_error, refused=True)
-        if self.config.grant == "client_credentials":
-            return await self._client_credentials()
-        try:
+        direct = DIRECT_GRANTS.get(self.config.grant)
+        if direct is not None:  # one token request per access token
+            started = time.time()
+            params = await direct(self)
+            reply = await self.endpoint.request(params, what="token request", secrets=_secret_values(params))
+            return _credential(reply, started)
+        try:  # a person logged in once (code or device flow): trade the stored refresh token
             return await self._refreshed()
         except LoginRequired:
             self._watch_store()
@@ -259,14 +168,6 @@ class OAuth2Scheme(Scheme, Interactive, Stateful):
         return revoked
 
     # ------------------------------------------------------------------ client_credentials
-    async def _client_credentials(self) -> Credential:
-        params = {"grant_type": "client_credentials"}
-        if self.config.scope:
-            params["scope"] = self.config.scope
-        started = time.time()
-        reply = await self.endpoint.request(params, what="token request")
-        return _credential(reply, started)
-
     # ------------------------------------------------------------------ refresh_token
     async def _refreshed(self) -> Credential:
         handoff, self._handoff = self._handoff, None
@@ -407,7 +308,35 @@ class OAuth2Scheme(Scheme, Interactive, Stateful):
             log_event(self.ctx.log, logging.WARNING, "refresh_token_revoke_failed", service=self.name, error=e.message)
 
 
+# --------------------------------------------------------------------------- grants without a login
+
+
+async def _client_credentials(scheme: OAuth2Scheme) -> dict[str, str]:
+    """RFC 6749 §4.4: the client's own account."""
+    params = {"grant_type": "client_credentials"}
+    if scheme.config.scope:
+        params["scope"] = scheme.config.scope
+    return params
+
+
+#: grant → the token request's parameters (client authentication is added by the
+#: endpoint). A grant whose tokens come from a person's login is not here: those
+#: trade the stored refresh token (authorization_code, device_code).
+DIRECT_GRANTS: dict[str, Callable[[OAuth2Scheme], Awaitable[dict[str, str]]]] = {
+    "client_credentials": _client_credentials,
+}
+
+
 # --------------------------------------------------------------------------- helpers
+
+
+def _secret_values(params: Mapping[str, str]) -> tuple[Secret, ...]:
+    """Values a grant sends that are secrets of their own (an assertion, a subject
+    token): masked in any error text that echoes them."""
+    return tuple(Secret(v) for k, v in params.items() if k in GRANT_SECRETS and v)
+
+
+GRANT_SECRETS = frozenset({"assertion", "subject_token", "actor_token", "device_code"})
 
 
 def _credential(reply: TokenReply, started: float) -> Credential:
