@@ -8,6 +8,7 @@ import asyncio
 import base64
 import logging
 import os
+import random
 import secrets
 import signal
 import sys
@@ -183,6 +184,34 @@ async def test_cancelled_waiter_leaves_nothing_behind(redis_server: Any, make_st
 
 async def _hold(docs: Any, name: str) -> None:
     async with docs.lock(name):
+        pass
+
+
+async def test_cancellation_is_never_lost(redis_server: Any, make_store: Any, monkeypatch: Any) -> None:
+    """redis-py sometimes swallows a cancellation that lands mid-command (a few in a
+    hundred, here): a caller's cancel must still end its wait, and a lock's renewer
+    must still stop, or its lock would never be released."""
+    monkeypatch.setattr(redis_store, "LOCK_TTL", 0.03)  # a renewal every 10 ms
+    rng = random.Random(1)
+    docs = make_store(redis_server, unique_prefix()).service("svc")
+    await docs.put("x", {"t": 1})
+
+    async def reads() -> None:
+        while True:
+            await docs.get("x")
+
+    async def holds() -> None:
+        while True:
+            async with docs.lock("l"):
+                await asyncio.sleep(rng.random() * 0.03)
+
+    for body in [reads] * 200 + [holds] * 100:
+        task = asyncio.create_task(body())
+        await asyncio.sleep(rng.random() * 0.004)
+        task.cancel()
+        done, _ = await asyncio.wait([task], timeout=3)
+        assert done and task.cancelled(), f"a cancellation was lost ({body.__name__})"
+    async with docs.lock("l", wait=2):  # nothing kept renewing it
         pass
 
 

@@ -40,7 +40,7 @@ import json
 import logging
 import re
 import secrets
-from typing import Any, AsyncIterator, Awaitable, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from redis.asyncio import Redis
@@ -70,6 +70,32 @@ return 0
 """
 _FAILURES = (RedisError, OSError, asyncio.TimeoutError)
 T = TypeVar("T")
+
+
+def _consume(task: "asyncio.Task[Any]") -> None:
+    """Retrieve an abandoned task's outcome, so asyncio does not report it."""
+    if not task.cancelled():
+        task.exception()
+
+
+async def _wait_event(event: asyncio.Event, timeout: float) -> None:
+    """Wait for ``event`` at most ``timeout`` seconds. Not ``asyncio.wait_for``: on
+    Python 3.11 it loses a cancellation that lands as the event is set."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout):
+            await event.wait()
+
+
+async def _stop(task: "asyncio.Task[Any]", bound: float = 5.0) -> None:
+    """Cancel ``task`` and wait for it, cancelling again while it runs on (a
+    cancellation swallowed inside redis-py must not make this wait forever)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + bound
+    while not task.done() and loop.time() < deadline:
+        task.cancel()
+        await asyncio.wait([task], timeout=0.1)
+    if task.done():
+        _consume(task)
 
 
 def _public_url(url: str) -> str:
@@ -164,8 +190,23 @@ class RedisStore:
         # connect + one command (+ the one reconnect, when the first was refused at once)
         return 2 * self.cfg.timeout
 
-    async def call(self, aw: Awaitable[T]) -> T:
-        """Await a Redis operation within the budget; any failure becomes StoreError."""
+    async def call(self, aw: Awaitable[T], abandoned: Callable[["asyncio.Task[T]"], None] | None = None) -> T:
+        """Await a Redis operation within the budget; any failure becomes StoreError.
+
+        The operation runs in a task of its own, shielded: redis-py (5.x to 8.x, on
+        Python 3.11) sometimes swallows a cancellation that lands mid-command, and the
+        caller's cancellation (a client gone, shutdown, our own lock renewer) must
+        never be lost. A cancelled caller leaves the operation to finish within the
+        budget; ``abandoned`` is then called with its task when it is done."""
+        inner = asyncio.get_running_loop().create_task(self._bounded(aw))
+        try:
+            return await asyncio.shield(inner)
+        except asyncio.CancelledError:
+            inner.cancel()  # best effort; it ends within the budget anyway
+            inner.add_done_callback(abandoned or _consume)
+            raise
+
+    async def _bounded(self, aw: Awaitable[T]) -> T:
         try:
             async with asyncio.timeout(self._budget()):
                 return await aw
@@ -183,9 +224,7 @@ class RedisStore:
     async def close(self) -> None:
         self._closed = True
         if self._listener is not None:
-            self._listener.cancel()
-            with contextlib.suppress(BaseException):
-                await self._listener
+            await _stop(self._listener)
             self._listener = None
         if self._redis is not None:
             r, self._redis = self._redis, None
@@ -201,8 +240,7 @@ class RedisStore:
             self._subscribed = asyncio.Event()
         if self._listener is None or self._listener.done():
             self._listener = asyncio.get_running_loop().create_task(self._listen(), name="authproxy-store-released")
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._subscribed.wait(), self.cfg.timeout)
+        await _wait_event(self._subscribed, self.cfg.timeout)
 
     async def _listen(self) -> None:
         """Pattern-subscribe to every release of this prefix and wake the waiters of
@@ -216,8 +254,8 @@ class RedisStore:
             pubsub = self.client().pubsub()
             try:
                 await pubsub.psubscribe(pattern)
-                while True:
-                    msg = await pubsub.get_message(timeout=5.0)
+                while not self._closed:  # (as well as cancel(): redis-py may swallow that)
+                    msg = await pubsub.get_message(timeout=1.0)
                     if msg is None:
                         continue
                     if msg["type"] == "psubscribe":
@@ -329,18 +367,23 @@ class RedisDocs:
         ttl = LOCK_TTL  # read now: tests make it short
         lock = Lock(st.client(), lock_name, timeout=ttl, blocking=False, thread_local=False)
         await self._acquire(lock, lock_name, channel, wait)
-        lost = asyncio.Event()
-        renewer = asyncio.get_running_loop().create_task(self._renew(lock, lock_name, ttl, lost), name="authproxy-store-renew")
+        lost, done = asyncio.Event(), asyncio.Event()
+        renewer = asyncio.get_running_loop().create_task(self._renew(lock, lock_name, ttl, lost, done), name="authproxy-store-renew")
         try:
             yield
         finally:
-            renewer.cancel()
-            with contextlib.suppress(BaseException):
-                await renewer
+            done.set()  # stops the renewer at its next turn even if what follows is cancelled
+            await _stop(renewer)
             await self._release(lock, lock_name, channel, lost)
 
     async def _try(self, lock: Lock) -> bool:
-        return bool(await self.store.call(lock.acquire(blocking=False, token=secrets.token_hex(16))))
+        def abandoned(task: "asyncio.Task[bool]") -> None:
+            # the caller was cancelled while SET NX was in flight: a lock got for nobody
+            # is given back rather than left to expire
+            if not task.cancelled() and task.exception() is None and task.result():
+                task.get_loop().create_task(self.store.call(lock.release())).add_done_callback(_consume)
+
+        return bool(await self.store.call(lock.acquire(blocking=False, token=secrets.token_hex(16)), abandoned))
 
     async def _acquire(self, lock: Lock, lock_name: str, channel: bytes, wait: float | None) -> None:
         if await self._try(lock):
@@ -356,14 +399,15 @@ class RedisDocs:
                 left = SAFETY_NET if deadline is None else min(SAFETY_NET, deadline - loop.time())
                 if left <= 0:
                     raise StoreError(f"{lock_name} in store {self.store.where} stayed locked by another process for {wait:g}s")
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(released.wait(), left)
+                await _wait_event(released, left)
 
-    async def _renew(self, lock: Lock, lock_name: str, ttl: float, lost: asyncio.Event) -> None:
+    async def _renew(self, lock: Lock, lock_name: str, ttl: float, lost: asyncio.Event, done: asyncio.Event) -> None:
         """Keep the lock while it is held: reset its expiry every ttl/3. A renewal that
         fails for a moment is tried again; one that finds the lock gone says so once."""
         while True:
             await asyncio.sleep(ttl / 3)
+            if done.is_set():
+                return
             try:
                 await self.store.call(lock.reacquire())
             except (LockNotOwnedError, LockError):
