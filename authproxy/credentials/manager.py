@@ -26,13 +26,13 @@ from typing import Any, Callable
 
 from cachetools import TLRUCache
 
-from authproxy.credentials.health import BACKOFF_CAP, Health, Status, Unavailable, backoff_delay  # noqa: F401 - re-exported
+from authproxy.credentials.access import CredentialDoor, mask
+from authproxy.credentials.health import Health, Status, Unavailable
 from authproxy.credentials.records import CreatedRecords
 from authproxy.credentials.shared import SharedSlots
 from authproxy.metrics import Metrics
 from authproxy.observe import log_event
 from authproxy.schemes.base import Credential, CredentialError, LoginRequired, Scheme, Stateful, UpstreamReply
-from authproxy.secret import Secret, redactor_for
 from authproxy.store.base import StoreError
 from authproxy.tracing import tracing
 
@@ -71,7 +71,7 @@ class ServiceCredentials:
         # Several processes share the credentials: read what they stored, fetch under the lock.
         self.shared = SharedSlots(name, store, self._identity, clock) if shared else None
         self._loaded: asyncio.Future[None] | None = None
-        scheme.ctx.credentials = _Access(self)  # what a scheme may ask of its sibling credentials
+        scheme.ctx.credentials = CredentialDoor(self)  # what a scheme may ask of its sibling credentials
 
     async def _ensure_loaded(self) -> None:
         """Read what the store keeps (once): the scheme's documents, then the record of
@@ -348,27 +348,10 @@ class ServiceCredentials:
 
     # ------------------------------------------------------------------ masking
     def mask(self, text: str, key: str | None = None, *more: Credential) -> str:
-        """A message made safe to show anywhere (``last_error`` in readyz, a 503 body, a
-        log line): every secret of this service — its configured ones, the credential
-        it holds and, for an on-behalf-of failure, that user's — masked in any encoding
-        an upstream may have echoed it in. Schemes mask what they sent already; this is
-        the one place every message passes on its way out, so nothing depends on each
-        scheme remembering every secret."""
-        if not text:
-            return text
-        return redactor_for(self._secrets(key, more)).redact(text)
-
-    def _secrets(self, key: str | None, more: tuple[Credential, ...] = ()) -> list[Secret | str | None]:
-        ctx = getattr(self.scheme, "ctx", None)
-        known = getattr(ctx, "known_secrets", None)
-        out: list[Secret | str | None] = list(known()) if callable(known) else []
-        # The service's own credential is sent with on-behalf-of and revocation requests;
-        # the key's own one is what a failure about that key may quote. Not every cached
-        # credential: there may be thousands of on-behalf-of ones.
-        for cred in (self._svc, self._cache.get(None), self._cache.get(key) if key is not None else None, *more):
-            if cred is not None:
-                out.append(cred.token)
-        return out
+        """A message made safe to show anywhere (readyz, a 503 body, a log line): see
+        :func:`authproxy.credentials.access.mask`."""
+        held = (self._svc, self._cache.get(None), self._cache.get(key) if key is not None else None, *more)
+        return mask(text, self.scheme, held)
 
     # ------------------------------------------------------------------ shutdown and logout
     async def revoke_created(self) -> int:
@@ -438,23 +421,3 @@ class ServiceCredentials:
         await self.records.clear()
         return n
 
-
-class _Access:
-    """The door a scheme gets to its service's credentials (``ctx.credentials``):
-    get / current / rejected, with the manager's cache, single-flight, persistence
-    and sharing behind them — and failures as CredentialError, the scheme's own terms."""
-
-    def __init__(self, manager: ServiceCredentials) -> None:
-        self._manager = manager
-
-    async def get(self, key: str | None = None) -> Credential:
-        try:
-            return await self._manager.get(key)
-        except Unavailable as e:
-            raise CredentialError(e.message.removeprefix(f"{self._manager.name}: ")) from None
-
-    def current(self, key: str | None = None) -> Credential | None:
-        return self._manager.current(key)
-
-    def rejected(self, cred: Credential) -> None:
-        self._manager.rejected(cred)
