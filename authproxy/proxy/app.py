@@ -39,7 +39,7 @@ from authproxy.proxy.routing import Router
 from authproxy.runtime import ServiceRuntime
 from authproxy.schemes.base import Stateful
 from authproxy.secret import CALLBACK_PARAMS, Redactor, UrlMasker, collect_secrets
-from authproxy.store import Store, open_store
+from authproxy.store import Store, StoreError, open_store
 from authproxy.tracing import tracing
 
 log = logging.getLogger("authproxy.proxy")
@@ -108,6 +108,7 @@ class ProxyServer:
     async def start(self) -> None:
         self._traced = self._traced or tracing.setup()
         self._install(self.config, self._build(self.config, {}))
+        await self._check_store()
         access_log.open_audit(self.config.log.audit_file)
         _, open_files = raise_nofile_limit()
         inbound = self.config.inbound
@@ -122,6 +123,19 @@ class ProxyServer:
             rt.creds.start()
         log_event(log, logging.INFO, "listening", address=", ".join(self.addresses()), services=len(self.runtimes), open_files=open_files)
         systemd.notify("READY=1", f"STATUS=serving {len(self.runtimes)} services")
+
+    async def _check_store(self) -> None:
+        """A shared store is reached once before serving: the connection is warm for the
+        first fetch, and an unreachable store is said at once rather than at the first
+        request. Not fatal: held credentials are none yet, new ones fail closed until it answers."""
+        if self.store is None or not self.store.fleet:
+            return
+        try:
+            await self.store.ping()
+        except StoreError as e:
+            log_event(log, logging.WARNING, "store_unreachable", error=str(e))
+        else:
+            log_event(log, logging.INFO, "store_connected", store=self.store.where)
 
     def addresses(self) -> list[str]:
         out: list[str] = []
