@@ -153,6 +153,9 @@ def _check(config: Config) -> int:
     print(f"{config.path}: OK")
     print(f"  listen     {config.listen}")
     print(f"  state_dir  {config.state_dir}")
+    print(f"  workers    {config.workers}")
+    if config.store is not None:  # the url holds no password (a config error otherwise)
+        print(f"  store      {config.store.url} prefix {config.store.prefix} (encrypted with a key from {config.store.key_file})")
     print(f"  keys       {', '.join(k.name for k in keys) if keys else 'no inbound keys: any client that reaches the listener'}")
     for name, svc in config.services.items():
         SCHEMES[svc.scheme]  # registered: the loader already checked
