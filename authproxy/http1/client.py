@@ -3,7 +3,8 @@
 IDLE → WRITING (request out, no answer yet) → HEAD (response head arriving) → BODY →
 DONE, or CLOSED / UPGRADED. The pool (``pool.py``) owns the connections; this module
 knows one exchange at a time and nothing of the pool but three callbacks. The parser
-of one response and the body stream are in ``response.py``.
+of one response and the body stream are in ``response.py``; sending a streamed
+request body, with backpressure, is in ``upload.py``.
 
 Why it is built this way (the old pool kept one parser per connection, and the tail
 of one response became the head of another client's response):
@@ -31,8 +32,9 @@ import enum
 from typing import TYPE_CHECKING, AsyncIterator, Callable
 
 import httptools
-from .errors import Disconnected, RequestBodyError, ResponseBodyError, ResponseFramingError, UpstreamTimeout
+from .errors import Disconnected, ResponseBodyError, ResponseFramingError, UpstreamTimeout
 from .response import Response, ResponseBodyTimeout, ResponseParser, _Body, _short
+from .upload import _FLOW_ERRORS, WRITE_HIGH_WATER, Upload
 
 if TYPE_CHECKING:
     from .tunnel import RawStream
@@ -40,8 +42,6 @@ if TYPE_CHECKING:
 __all__ = ["Connection", "State"]
 
 INLINE_BODY = 64 * 1024  # a body up to this size goes out in the same write as the head
-WRITE_HIGH_WATER = 256 * 1024
-_FLOW_ERRORS = (AttributeError, NotImplementedError, RuntimeError)  # transports without pause/resume
 _LENGTH, _CHUNKED, _EOF = 1, 2, 3  # how the body of the current response is delimited
 
 
@@ -59,7 +59,7 @@ _IDLE, _WRITING, _HEAD, _BODY = State.IDLE, State.WRITING, State.HEAD, State.BOD
 _DONE, _UPGRADED, _CLOSED = State.DONE, State.UPGRADED, State.CLOSED
 
 
-class Connection(asyncio.Protocol):
+class Connection(Upload, asyncio.Protocol):
     """One upstream connection; one exchange at a time. ``on_release(conn)`` is called
     when the response is released, ``on_idle_lost(conn)`` when an idle connection
     closes or sends bytes nobody asked for, ``on_detach(conn)`` at takeover."""
@@ -116,51 +116,6 @@ class Connection(asyncio.Protocol):
         if stream is not None:
             self._writer = self._loop.create_task(self._pump(stream, length))
         return fut
-
-    async def _pump(self, stream: AsyncIterator[bytes], length: int | None) -> None:
-        """Copy the request body stream, waiting whenever the transport's buffer is full."""
-        sent = 0
-        try:
-            async for chunk in stream:
-                if not chunk:
-                    continue
-                t = self.transport
-                if t is None or t.is_closing():
-                    return  # the exchange is over; the response side says why
-                n = len(chunk)
-                sent += n
-                if length is None:
-                    t.write(b"%x\r\n%b\r\n" % (n, chunk))
-                elif sent > length:
-                    raise RequestBodyError(f"the request body is longer than its Content-Length ({length})")
-                else:
-                    t.write(chunk)
-                if self._write_paused:
-                    await self.drain()
-            t = self.transport
-            if t is None or t.is_closing():
-                return
-            if length is None:
-                t.write(b"0\r\n\r\n")
-            elif sent != length:
-                raise RequestBodyError(f"the request body ended after {sent} of {length} bytes")
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:  # noqa: BLE001 - whatever the body source raised
-            err = e if isinstance(e, RequestBodyError) else RequestBodyError(f"the request body could not be read ({_short(e)})")
-            if err is not e:
-                err.__cause__ = e
-            fut = self._head_fut
-            if fut is not None and not fut.done():
-                fut.set_exception(err)
-            self.abort()
-
-    async def drain(self) -> None:
-        """Wait until the transport's write buffer is below its low-water mark (or it closed)."""
-        while self._write_paused and self.transport is not None:
-            if self._drain is None:
-                self._drain = self._loop.create_future()
-            await self._drain
 
     # ------------------------------------------------------------ transport events
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -221,18 +176,6 @@ class Connection(asyncio.Protocol):
         w = self._writer
         if w is not None and not w.done():
             w.cancel()
-
-    def pause_writing(self) -> None:
-        self._write_paused = True
-
-    def resume_writing(self) -> None:
-        self._write_paused = False
-        self._wake_drain()
-
-    def _wake_drain(self) -> None:
-        d, self._drain = self._drain, None
-        if d is not None and not d.done():
-            d.set_result(None)
 
     def _pause(self) -> None:
         if not self._read_paused and self.transport is not None:
