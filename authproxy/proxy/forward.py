@@ -9,6 +9,8 @@ was kept).
 Order matters: every check runs and the credential is at hand *before* the
 request body is read, so a client that sent ``Expect: 100-continue`` gets the
 refusal instead of a ``100`` (and never uploads a body that would be refused).
+Reading a body that may be read twice (kept for the replay, peeked at for the
+scheme) is in ``bodies.py``.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from authproxy.http1.errors import (
 )
 from authproxy.access import fingerprint
 from authproxy.observe import log_event
+from authproxy.proxy.bodies import peek_reply, read_request_body, reply_stream
 from authproxy.proxy.cookies import scope_set_cookie
 from authproxy.proxy.location import rewrite_location
 from authproxy.proxy.errors import ProxyError
@@ -112,26 +115,6 @@ class Forwarder:
         out["X-Request-Id"] = request_id
         return out
 
-    async def _read_body(self, ex: "Exchange") -> tuple[bytes | None, AsyncIterator[bytes] | None, bool]:
-        """→ (kept body, stream to send, replayable). Bodies up to ``max_replay_body`` are
-        kept; larger ones stream through without ever being held in memory."""
-        ex.body_timeout = self.body_timeout
-        length = ex.content_length
-        parts: list[bytes] = []
-        size = 0
-        try:
-            if length is not None and length > self.max_replay:
-                return None, _stream(ex, []), False
-            while size <= self.max_replay:
-                chunk = await ex.read()
-                if not chunk:
-                    return b"".join(parts), None, True
-                parts.append(chunk)
-                size += len(chunk)
-        except BodyError as e:
-            raise ProxyError("bad_request", f"the request body did not arrive whole: {e}", self.name) from None
-        return None, _stream(ex, parts), False
-
     # ------------------------------------------------------------------ the exchange
     async def forward(
         self, ex: "Exchange", rest: str, query: str, request_id: str, direct: bool = False, proto: str = "http"
@@ -159,7 +142,7 @@ class Forwarder:
         stream: AsyncIterator[bytes] | None = None
         replayable = True
         if ex.has_body:
-            body, stream, replayable = await self._read_body(ex)
+            body, stream, replayable = await read_request_body(ex, self.max_replay, self.body_timeout, name)
         length = ex.content_length if stream is not None else None
         method = ex.method
         path = self.base_path + rest if rest else (self.base_path or "/")
@@ -182,7 +165,7 @@ class Forwarder:
                 small: bytes | None = None
                 rest_stream: AsyncIterator[bytes] | None = None
                 if self.reads_bodies and self.scheme.rejection_needs_body(resp.status, resp.headers):  # type: ignore[attr-defined]
-                    small, rest_stream = await self._peek(resp)
+                    small, rest_stream = await peek_reply(resp, self.max_replay, self.upstream.origin, name)
                 if self.scheme.is_rejection(resp.status, resp.headers, small if rest_stream is None else None):
                     self.creds.rejected(cred)
                     renewed = await self._renewed(key) if replayable and attempt == 0 else None
@@ -259,26 +242,6 @@ class Forwarder:
             raise ProxyError(e.code, e.message, self.name, retry_after=e.retry_after) from None
         except UpstreamReply as e:
             raise self._passthrough(e, self.creds.current(None)) from None
-
-    async def _peek(self, resp: "Response") -> tuple[bytes, AsyncIterator[bytes] | None]:
-        """Read a reply up to ``max_replay_body`` for the scheme to inspect; past that
-        the reply is not inspected and streams on (what was read goes first)."""
-        length = resp.content_length
-        if length is not None and length > self.max_replay:
-            return b"", _relay(resp, [])
-        parts: list[bytes] = []
-        size = 0
-        try:
-            while True:
-                chunk = await resp.read()
-                if not chunk:
-                    return b"".join(parts), None
-                parts.append(chunk)
-                size += len(chunk)
-                if size > self.max_replay:
-                    return b"", _relay(resp, parts)
-        except UpstreamError as e:
-            raise ProxyError("upstream_unreachable", f"{self.upstream.origin} broke off its reply: {e}", self.name) from None
 
     # ------------------------------------------------------------------ scrubbing
     def _scrubber(self, cred: Credential, out: Outgoing) -> Scrubber:
@@ -370,7 +333,7 @@ class Forwarder:
             await ex.respond(resp.status, resp.reason, headers, small)
             return scrubbed
         await ex.start(resp.status, resp.reason, headers, content_length=length)
-        pieces = rest_stream if rest_stream is not None else _relay(resp, [])
+        pieces = rest_stream if rest_stream is not None else reply_stream(resp, [])
         body = scrubber.stream() if scrubber is not None else None
         try:
             if body is None:
@@ -394,22 +357,3 @@ class Forwarder:
         await ex.end()
         return scrubbed + (body.count if body is not None else 0)
 
-
-async def _stream(ex: "Exchange", first: list[bytes]) -> AsyncIterator[bytes]:
-    for p in first:
-        yield p
-    while True:
-        chunk = await ex.read()
-        if not chunk:
-            return
-        yield chunk
-
-
-async def _relay(resp: "Response", first: list[bytes]) -> AsyncIterator[bytes]:
-    for p in first:
-        yield p
-    while True:
-        chunk = await resp.read()
-        if not chunk:
-            return
-        yield chunk
