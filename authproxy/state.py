@@ -11,13 +11,12 @@ every file 0600.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 
 class StateError(Exception):
@@ -138,32 +137,3 @@ class ServiceStore:
 
     def clear(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
-
-    @contextlib.contextmanager
-    def locked(self, name: str = "lock") -> Iterator[None]:
-        """An exclusive lock shared with other authproxy processes on the same state
-        dir (the proxy and a ``authproxy token``/``login`` run side by side)."""
-        _ensure_dir(self.path, self.root)
-        fd = os.open(self.path / f".{name}", os.O_RDWR | os.O_CREAT, FILE_MODE)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
-
-    @contextlib.asynccontextmanager
-    async def alocked(self, name: str = "lock"):  # type: ignore[no-untyped-def]
-        """:meth:`locked` for coroutines: waits for the lock in a thread, not on the loop."""
-        import asyncio
-
-        _ensure_dir(self.path, self.root)
-        fd = os.open(self.path / f".{name}", os.O_RDWR | os.O_CREAT, FILE_MODE)
-        try:
-            await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fd, fcntl.LOCK_UN)
-        finally:
-            os.close(fd)

@@ -41,21 +41,15 @@ def test_a_fresh_nested_state_dir_is_0700_all_the_way_down(tmp_path: Path) -> No
     assert mode(tmp_path) == 0o755  # existed before: not ours to change
 
 
-def test_a_lock_taken_first_makes_the_state_dir_private_too(tmp_path: Path) -> None:
+async def test_a_lock_taken_first_makes_the_state_dir_private_too(tmp_path: Path) -> None:
+    from authproxy.store.statedir import StateDirStore
+
     root = tmp_path / "fresh" / "state"
     with umask(0o022):
-        with StateDir(root).service("svc").locked("refresh"):
+        async with StateDirStore(str(root)).service("svc").lock("refresh"):
             pass
     assert mode(tmp_path / "fresh") == mode(root) == mode(root / "svc") == 0o700
-    assert mode(root / "svc" / ".refresh") == 0o600
-
-
-async def test_async_lock_too(tmp_path: Path) -> None:
-    root = tmp_path / "x" / "state"
-    with umask(0o002):
-        async with StateDir(root).service("svc").alocked("refresh"):
-            pass
-    assert mode(tmp_path / "x") == mode(root) == mode(root / "svc") == 0o700
+    assert mode(root / "svc" / ".refresh.lock") == 0o600
 
 
 def test_an_existing_state_dir_made_0755_is_made_0700(tmp_path: Path) -> None:
