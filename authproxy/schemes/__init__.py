@@ -10,6 +10,7 @@ from authproxy.schemes.static import BearerScheme, HeaderScheme, QueryScheme
 from authproxy.schemes.app_token import AppTokenScheme
 from authproxy.schemes.fogbugz import FogBugzScheme
 from authproxy.schemes.oauth2 import OAuth2Scheme
+from authproxy.schemes.github_app import GitHubAppScheme
 
 SCHEMES: dict[str, type[Scheme]] = {
     "bearer": BearerScheme,
@@ -18,6 +19,7 @@ SCHEMES: dict[str, type[Scheme]] = {
     "app_token": AppTokenScheme,
     "fogbugz": FogBugzScheme,
     "oauth2": OAuth2Scheme,
+    "github_app": GitHubAppScheme,
 }
 
 __all__ = ["SCHEMES", "Scheme"]
