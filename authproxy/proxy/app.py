@@ -1,10 +1,11 @@
-"""The proxy process: start, the request pipeline, reload, shutdown.
+"""The proxy process: start, the request pipeline, shutdown.
 
 It runs on authproxy's own HTTP/1.1 engine (:mod:`authproxy.http1`): a request
 goes guard → router → forwarder in straight-line code, which is both the
 cheapest path per request and the easiest to read. Where it listens is
 :mod:`authproxy.proxy.listen`; its own ``/-/`` endpoints are
-:mod:`authproxy.proxy.endpoints`.
+:mod:`authproxy.proxy.endpoints`; a reload on SIGHUP is
+:mod:`authproxy.proxy.reload`.
 """
 
 from __future__ import annotations
@@ -17,13 +18,12 @@ import os
 import re
 import signal
 import time
-from typing import Any
 
 from authproxy import systemd
 from authproxy.access import AccessRecord, access_log
-from authproxy.config import Config, ConfigError, load_config
+from authproxy.config import Config
 from authproxy.metrics import Metrics
-from authproxy.observe import log_event, set_log_redactor, setup_logging
+from authproxy.observe import log_event, set_log_redactor
 from authproxy.http1.listener import raise_nofile_limit
 from authproxy.http1.server import Exchange, Server, ServerLimits
 from authproxy.proxy.endpoints import answer_reserved
@@ -35,9 +35,10 @@ from authproxy.proxy.guard import Guard
 from authproxy.proxy import listen as listeners
 from authproxy.proxy.listen import open_listeners
 from authproxy.proxy.policy import Policy
+from authproxy.proxy.reload import close_later
+from authproxy.proxy.reload import reload as reload_config
 from authproxy.proxy.routing import Router
 from authproxy.runtime import ServiceRuntime
-from authproxy.schemes.base import Stateful
 from authproxy.secret import CALLBACK_PARAMS, Redactor, UrlMasker, collect_secrets
 from authproxy.store import Store, StoreError, open_store
 from authproxy.tracing import tracing
@@ -80,7 +81,7 @@ class ProxyServer:
         if self.store is None or (config.store, config.state_dir) != (self.config.store, self.config.state_dir):
             # One store per configuration of it (a reload that keeps it keeps its connections).
             if self.store is not None:
-                self._close_later(self.store)
+                close_later(self, self.store)
             self.store = open_store(config)
         runtimes: dict[str, ServiceRuntime] = {}
         for name, svc in config.services.items():
@@ -156,69 +157,8 @@ class ProxyServer:
         raise RuntimeError("not listening on TCP")
 
     async def reload(self, path: str) -> bool:
-        """SIGHUP: apply a new config; services whose resolved config is unchanged keep
-        their credentials. An invalid file changes nothing."""
-        systemd.reloading()
-        try:
-            access_log.reopen()  # logrotate's postrotate: also when the new file is invalid
-            try:
-                new = await asyncio.to_thread(load_config, path)
-            except ConfigError as e:
-                log_event(log, logging.ERROR, "reload_failed", config=path, errors=e.errors)
-                return False
-            if new.listen != self.config.listen:
-                log_event(log, logging.WARNING, "reload_listen_ignored", reason="changing listen needs a restart", listen=str(self.config.listen))
-            new = _replace_listen(new, self.config.listen)
-            same_store = (new.store, new.state_dir) == (self.config.store, self.config.state_dir)
-            keep = {n: rt for n, rt in self.runtimes.items() if same_store and n in new.services and new.services[n] == rt.config}
-            old = self.runtimes
-            old_log = self.config.log
-            runtimes = self._build(new, keep)
-            self._install(new, runtimes)
-            access_log.open_audit(new.log.audit_file)
-            if new.log != old_log and access_log.stream is not None:
-                setup_logging(new.log.level, new.log.format)  # only where this process set logging up
-            for name, rt in runtimes.items():
-                if name in keep:
-                    if isinstance(rt.scheme, Stateful):
-                        await rt.scheme.reload()
-                else:
-                    rt.creds.start()
-            for name, rt in old.items():
-                successor = runtimes.get(name)
-                if successor is not rt:
-                    # Same account (e.g. only a timeout changed): the successor reuses the
-                    # recorded credentials, so the old runtime must not revoke them.
-                    same = successor is not None and successor.scheme.identity() == rt.scheme.identity()
-                    self._retire(rt, revoke=not same)
-            changed = sorted(n for n in runtimes if n not in keep)
-            removed = sorted(n for n in old if n not in runtimes)
-            log_event(log, logging.INFO, "reloaded", config=path, kept=len(keep), started=",".join(changed) or None, stopped=",".join(removed) or None)
-            return True
-        finally:
-            systemd.notify("READY=1")
-
-    def _close_later(self, store: Store) -> None:
-        """A store replaced by a reload: closed once the runtimes using it have retired."""
-
-        async def run() -> None:
-            await asyncio.sleep(self.config.shutdown_timeout + REVOKE_BUDGET)
-            with contextlib.suppress(Exception):
-                await store.close()
-
-        task = asyncio.ensure_future(run())
-        self._retiring.add(task)
-        task.add_done_callback(self._retiring.discard)
-
-    def _retire(self, rt: ServiceRuntime, revoke: bool = True) -> None:
-        async def run() -> None:
-            await rt.wait_idle(self.config.shutdown_timeout)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(rt.close(revoke=revoke), REVOKE_BUDGET)
-
-        task = asyncio.ensure_future(run())
-        self._retiring.add(task)
-        task.add_done_callback(self._retiring.discard)
+        """SIGHUP: apply a new config (:func:`authproxy.proxy.reload.reload`)."""
+        return await reload_config(self, path)
 
     async def shutdown(self) -> None:
         """Stop accepting, let in-flight requests finish (bounded), revoke (bounded), close."""
@@ -383,12 +323,6 @@ class ProxyServer:
                 AccessRecord(rid, peer, ex.method if ex is not None else "-", path, service, 400, 0.0, None, "bad_request", None, ex.bytes_in if ex is not None else 0)
             )
         return error_parts(ProxyError("bad_request", f"malformed request: {why}"))
-
-
-def _replace_listen(cfg: Config, listen: Any) -> Config:
-    import dataclasses
-
-    return dataclasses.replace(cfg, listen=listen)
 
 
 async def serve(config: Config, config_path: str, stop: asyncio.Event | None = None, server: ProxyServer | None = None) -> int:
