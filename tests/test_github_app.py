@@ -391,3 +391,34 @@ async def test_the_private_key_is_never_shown(keys, tmp_path):
         assert key_line not in shown and "eyJ" not in shown and APP_ID in shown
     finally:
         await rt.close(revoke=False)
+
+
+async def test_a_key_rotated_under_the_same_file_is_used_after_reload(github, proxy, keys, tmp_path):
+    """SIGHUP re-reads private_key_file: GitHub lets an app hold a new key beside the old one."""
+    key_file = tmp_path / "rotating.pem"
+    key_file.write_bytes(keys["private"])
+    url, st = await github()
+    p = await proxy({"services": {"gh": service(url, key_file)}})
+    assert (await api(p, "/gh/repos/acme/widgets/issues"))[0] == 200
+    new_private, new_public = rsa_pem()
+    st.apps[APP_ID].public_key_pem = new_public  # the old key deleted on GitHub, the new one registered
+    key_file.write_bytes(new_private)
+    rt = p.server.runtimes["gh"]
+    await rt.scheme.reload()
+    rt.creds.rejected(rt.creds.current())
+    assert (await api(p, "/gh/repos/acme/widgets/issues"))[0] == 200
+    assert st.issued == 2 and not st.token_errors
+
+
+def test_the_example_config_block_loads_once_uncommented(keys):
+    lines = (Path(__file__).resolve().parent.parent / "config.example.yaml").read_text().splitlines()
+    start = lines.index("  # github-app:")
+    block = []
+    for ln in lines[start:]:
+        if not ln.startswith("  # "):
+            break
+        block.append(ln.replace("  # ", "  ", 1))
+    text = "services:\n" + "\n".join(block).replace("/run/secrets/github-app.pem", str(keys["file"])) + "\n"
+    auth = load_config_text(text, env={}).services["github-app"].auth
+    assert auth.app_id == "123456" and auth.installation_id == "12345678"
+    assert auth.repositories == ("widgets",) and auth.permissions == {"issues": "read"} and auth.refresh_margin == 300
