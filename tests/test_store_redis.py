@@ -162,7 +162,7 @@ async def test_waiter_wakes_on_release_not_by_polling(redis_server: Any, make_st
 
     async with a.lock("current"):
         task = asyncio.create_task(waiter())
-        await wait_for(lambda: b_store._waiters, timeout=5)
+        await wait_for(lambda: b_store.releases._waiters, timeout=5)
         t0 = time.monotonic()
     await asyncio.wait_for(task, 5)
     assert acquired[0] - t0 < 0.5, acquired[0] - t0
@@ -173,11 +173,11 @@ async def test_cancelled_waiter_leaves_nothing_behind(redis_server: Any, make_st
     a_store, b_store = make_store(redis_server, prefix), make_store(redis_server, prefix)
     async with a_store.service("svc").lock("x"):
         task = asyncio.create_task(_hold(b_store.service("svc"), "x"))
-        await wait_for(lambda: b_store._waiters, timeout=5)
+        await wait_for(lambda: b_store.releases._waiters, timeout=5)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-    assert b_store._waiters == {}
+    assert b_store.releases._waiters == {}
     async with b_store.service("svc").lock("x", wait=0):
         pass
 
@@ -260,7 +260,7 @@ async def test_lock_is_exclusive_across_processes(redis_server: Any, make_store:
                 acquired.append(time.monotonic())
 
         task = asyncio.create_task(waiter())
-        await wait_for(lambda: docs.store._waiters, timeout=5)
+        await wait_for(lambda: docs.store.releases._waiters, timeout=5)
         t0 = time.monotonic()
         proc.stdin.write(b"release\n")  # type: ignore[union-attr]
         await asyncio.wait_for(task, 10)
@@ -340,7 +340,7 @@ async def test_recovers_after_a_redis_restart(redis_factory: Any, make_store: An
     await a.put("current", {"t": 1})
     async with a.lock("x"):  # b's release listener starts (b waits once)
         task = asyncio.create_task(_hold(b, "x"))
-        await wait_for(lambda: b_store._waiters, timeout=5)
+        await wait_for(lambda: b_store.releases._waiters, timeout=5)
     await asyncio.wait_for(task, 5)
 
     server.restart()  # every connection dropped, the data and the loaded scripts gone
@@ -359,7 +359,7 @@ async def test_recovers_after_a_redis_restart(redis_factory: Any, make_store: An
 
     async with a.lock("x"):
         task = asyncio.create_task(waiter())
-        await wait_for(lambda: b_store._waiters, timeout=5)
+        await wait_for(lambda: b_store.releases._waiters, timeout=5)
         t0 = time.monotonic()
     await asyncio.wait_for(task, 10)
     assert acquired[0] - t0 < 0.5, acquired[0] - t0

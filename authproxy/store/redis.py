@@ -53,13 +53,13 @@ from redis.exceptions import LockError, LockNotOwnedError, RedisError
 from authproxy.config import StoreConfig
 from authproxy.store.base import StoreError
 from authproxy.store.crypto import StoreCipher
+from authproxy.store.redis_release import ReleaseListener, consume, stop_task, wait_event
 
 log = logging.getLogger("authproxy.store")
 
 LOCK_TTL = 10.0  # seconds a lock lives without renewal: a dead holder's lock is free within this
 SAFETY_NET = 1.0  # seconds a waiter waits for a release message before trying again anyway
 HEALTH_CHECK_INTERVAL = 15  # seconds idle before a pooled connection is PINGed before use
-_LISTEN_BACKOFF = (0.05, 1.0)  # the pub/sub listener's reconnect delay: first, cap
 
 _NAME = re.compile(r"[A-Za-z0-9_-]+\Z")
 _DELETE_IF_TAG = """
@@ -70,32 +70,6 @@ return 0
 """
 _FAILURES = (RedisError, OSError, asyncio.TimeoutError)
 T = TypeVar("T")
-
-
-def _consume(task: "asyncio.Task[Any]") -> None:
-    """Retrieve an abandoned task's outcome, so asyncio does not report it."""
-    if not task.cancelled():
-        task.exception()
-
-
-async def _wait_event(event: asyncio.Event, timeout: float) -> None:
-    """Wait for ``event`` at most ``timeout`` seconds. Not ``asyncio.wait_for``: on
-    Python 3.11 it loses a cancellation that lands as the event is set."""
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(timeout):
-            await event.wait()
-
-
-async def _stop(task: "asyncio.Task[Any]", bound: float = 5.0) -> None:
-    """Cancel ``task`` and wait for it, cancelling again while it runs on (a
-    cancellation swallowed inside redis-py must not make this wait forever)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + bound
-    while not task.done() and loop.time() < deadline:
-        task.cancel()
-        await asyncio.wait([task], timeout=0.1)
-    if task.done():
-        _consume(task)
 
 
 def _public_url(url: str) -> str:
@@ -136,9 +110,7 @@ class RedisStore:
         self._redis: Redis | None = None
         self._delete_if_tag: Any = None
         # one pub/sub connection, started the first time a lock must be waited for
-        self._listener: asyncio.Task[None] | None = None
-        self._subscribed: asyncio.Event | None = None
-        self._waiters: dict[bytes, set[asyncio.Event]] = {}
+        self.releases = ReleaseListener(self)
         self._closed = False
 
     def __repr__(self) -> str:
@@ -203,7 +175,7 @@ class RedisStore:
             return await asyncio.shield(inner)
         except asyncio.CancelledError:
             inner.cancel()  # best effort; it ends within the budget anyway
-            inner.add_done_callback(abandoned or _consume)
+            inner.add_done_callback(abandoned or consume)
             raise
 
     async def _bounded(self, aw: Awaitable[T]) -> T:
@@ -223,80 +195,11 @@ class RedisStore:
 
     async def close(self) -> None:
         self._closed = True
-        if self._listener is not None:
-            await _stop(self._listener)
-            self._listener = None
+        await self.releases.close()
         if self._redis is not None:
             r, self._redis = self._redis, None
             with contextlib.suppress(*_FAILURES):
                 await (r.aclose() if hasattr(r, "aclose") else r.close())
-
-    # ----------------------------------------------------------------- release messages
-
-    async def _ensure_listener(self) -> None:
-        """Start the pub/sub listener if it is not running, and give it up to the
-        timeout to be subscribed (if it is not, waiters still retry every SAFETY_NET)."""
-        if self._subscribed is None:
-            self._subscribed = asyncio.Event()
-        if self._listener is None or self._listener.done():
-            self._listener = asyncio.get_running_loop().create_task(self._listen(), name="authproxy-store-released")
-        await _wait_event(self._subscribed, self.cfg.timeout)
-
-    async def _listen(self) -> None:
-        """Pattern-subscribe to every release of this prefix and wake the waiters of
-        each; on any failure (Redis restarted, unreachable) subscribe again with
-        backoff, waking every waiter once subscribed since messages may have been missed."""
-        assert self._subscribed is not None
-        pattern = f"{self.prefix}released:*".encode()
-        delay = _LISTEN_BACKOFF[0]
-        warned = False
-        while not self._closed:
-            pubsub = self.client().pubsub()
-            try:
-                await pubsub.psubscribe(pattern)
-                while not self._closed:  # (as well as cancel(): redis-py may swallow that)
-                    msg = await pubsub.get_message(timeout=1.0)
-                    if msg is None:
-                        continue
-                    if msg["type"] == "psubscribe":
-                        # the first subscription, or redis-py's own re-subscription
-                        self._subscribed.set()
-                        self._wake_all()
-                        delay, warned = _LISTEN_BACKOFF[0], False
-                    elif msg["type"] == "pmessage":
-                        for ev in self._waiters.get(msg["channel"], ()):
-                            ev.set()
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # noqa: BLE001 - whatever broke, subscribe again
-                self._subscribed.clear()
-                if not warned:
-                    log.warning("store %s: release messages interrupted (%s); subscribing again", self.where, self.reason(e))
-                    warned = True
-            finally:
-                with contextlib.suppress(BaseException):
-                    await (pubsub.aclose() if hasattr(pubsub, "aclose") else pubsub.reset())
-            self._wake_all()
-            await asyncio.sleep(delay)
-            delay = min(_LISTEN_BACKOFF[1], delay * 2)
-
-    def _wake_all(self) -> None:
-        for events in self._waiters.values():
-            for ev in events:
-                ev.set()
-
-    @contextlib.contextmanager
-    def _waiting(self, channel: bytes) -> Any:
-        ev = asyncio.Event()
-        self._waiters.setdefault(channel, set()).add(ev)
-        try:
-            yield ev
-        finally:
-            events = self._waiters.get(channel)
-            if events is not None:
-                events.discard(ev)
-                if not events:
-                    del self._waiters[channel]
 
 
 class RedisDocs:
@@ -373,7 +276,7 @@ class RedisDocs:
             yield
         finally:
             done.set()  # stops the renewer at its next turn even if what follows is cancelled
-            await _stop(renewer)
+            await stop_task(renewer)
             await self._release(lock, lock_name, channel, lost)
 
     async def _try(self, lock: Lock) -> bool:
@@ -381,7 +284,7 @@ class RedisDocs:
             # the caller was cancelled while SET NX was in flight: a lock got for nobody
             # is given back rather than left to expire
             if not task.cancelled() and task.exception() is None and task.result():
-                task.get_loop().create_task(self.store.call(lock.release())).add_done_callback(_consume)
+                task.get_loop().create_task(self.store.call(lock.release())).add_done_callback(consume)
 
         return bool(await self.store.call(lock.acquire(blocking=False, token=secrets.token_hex(16)), abandoned))
 
@@ -390,8 +293,8 @@ class RedisDocs:
             return
         loop = asyncio.get_running_loop()
         deadline = None if wait is None else loop.time() + wait
-        await self.store._ensure_listener()
-        with self.store._waiting(channel) as released:
+        await self.store.releases.ensure()
+        with self.store.releases.waiting(channel) as released:
             while True:
                 released.clear()  # before trying: a release after the try must wake us
                 if await self._try(lock):
@@ -399,7 +302,7 @@ class RedisDocs:
                 left = SAFETY_NET if deadline is None else min(SAFETY_NET, deadline - loop.time())
                 if left <= 0:
                     raise StoreError(f"{lock_name} in store {self.store.where} stayed locked by another process for {wait:g}s")
-                await _wait_event(released, left)
+                await wait_event(released, left)
 
     async def _renew(self, lock: Lock, lock_name: str, ttl: float, lost: asyncio.Event, done: asyncio.Event) -> None:
         """Keep the lock while it is held: reset its expiry every ttl/3. A renewal that
