@@ -16,7 +16,7 @@ import aiohttp
 
 from typing import TYPE_CHECKING
 
-from authproxy.service_config import ServiceConfig
+from authproxy.service_config import ServiceConfig, TlsClientConfig
 from authproxy.credentials import ServiceCredentials
 from authproxy.metrics import Metrics
 from authproxy.http1.pool import Pool
@@ -32,11 +32,16 @@ POOL_LIMIT = 512  # connections per upstream; beyond this requests queue for one
 KEEPALIVE = 30.0
 
 
-def ssl_context(ca_file: str | None) -> ssl.SSLContext:
-    """The system's trust store, plus the service's own CA bundle when it names one."""
+def ssl_context(ca_file: str | None, tls: TlsClientConfig | None = None) -> ssl.SSLContext:
+    """The system's trust store, plus the service's own CA bundle when it names one, and
+    the service's client certificate when it has one: one context for the upstream pool
+    and the credential session, so every TLS connection of the service presents it."""
     ctx = ssl.create_default_context()
     if ca_file:
         ctx.load_verify_locations(cafile=ca_file)
+    if tls is not None and tls.cert_file and tls.key_file:
+        # Checked at config load (TlsClientConfig); never prompt for a passphrase here.
+        ctx.load_cert_chain(tls.cert_file, tls.key_file, password=lambda: b"")
     return ctx
 
 
@@ -63,7 +68,8 @@ class ServiceRuntime:
     def __init__(self, cfg: ServiceConfig, store: Store, metrics: Metrics | None = None) -> None:
         self.config = cfg
         self.name = cfg.name
-        self.tls = ssl_context(cfg.ca_file) if cfg.upstream.scheme == "https" or cfg.ca_file else None
+        needs = cfg.upstream.scheme == "https" or cfg.ca_file or cfg.tls
+        self.tls = ssl_context(cfg.ca_file, cfg.tls) if needs else None
         self.session = make_session(cfg, self.tls)  # credential requests
         up = cfg.upstream
         self.pool = Pool(  # proxied requests: the engine's keep-alive client

@@ -9,7 +9,9 @@ settings get the same checks and error messages as authproxy's own.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
+import ssl
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -31,6 +33,59 @@ class TimeoutConfig:
             raise FieldError("connect", "must be greater than 0")
         if self.total <= 0:
             raise FieldError("total", "must be greater than 0")
+
+
+class _EncryptedKey(Exception):
+    """Raised from the key's password callback: an encrypted key is refused, never prompted for."""
+
+
+def _no_password() -> bytes:
+    raise _EncryptedKey
+
+
+@dataclass(frozen=True)
+class TlsClientConfig:
+    """``tls: {cert_file, key_file}``: the client certificate (mTLS) this service presents
+    on every TLS connection it makes — proxied requests and credential requests alike
+    (see :func:`authproxy.runtime.ssl_context`).
+
+    The pair is loaded here, at config load, so that ``authproxy check`` and a SIGHUP
+    refuse a certificate and key that do not belong together (or a key that is
+    encrypted: there is nobody to type its passphrase) instead of the first request
+    failing. Errors name the files and OpenSSL's reason, never their content.
+    """
+
+    cert_file: FilePath | None = None  # PEM: the certificate, then any intermediates
+    key_file: FilePath | None = None  # PEM, unencrypted
+    # The files' (mtime, size) when read: compared, so that a certificate renewed in
+    # place (same paths) makes the service new on SIGHUP and is presented from then on.
+    stamp: tuple[int, ...] = field(default=(), init=False, repr=False)
+
+    def check(self) -> None:
+        if (self.cert_file is None) != (self.key_file is None):
+            missing = "key_file" if self.key_file is None else "cert_file"
+            raise FieldError(missing, "required: tls needs both cert_file and key_file")
+        if self.cert_file is None or self.key_file is None:
+            return
+        try:
+            with open(self.cert_file, "rb") as f:
+                pem = f.read()
+            if b"-----BEGIN CERTIFICATE-----" not in pem:
+                raise FieldError("cert_file", f"{self.cert_file} holds no PEM certificate (-----BEGIN CERTIFICATE-----)")
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(self.cert_file, self.key_file, password=_no_password)
+        except _EncryptedKey:
+            raise FieldError("key_file", f"{self.key_file} is encrypted; give an unencrypted PEM key (e.g. openssl pkey -in KEY -out PLAIN)") from None
+        except ssl.SSLError as e:
+            if e.reason == "KEY_VALUES_MISMATCH":
+                why = f"is not the key of the certificate in {self.cert_file}"
+            else:
+                detail = f" ({e.reason})" if e.reason else ""
+                why = f"cannot be used with {self.cert_file}: not an unencrypted PEM private key{detail}"
+            raise FieldError("key_file", f"{self.key_file} {why}") from None
+        except OSError as e:
+            raise FieldError("cert_file", f"{self.cert_file}: {e.strerror or e}") from None
+        stats = [os.stat(p) for p in (self.cert_file, self.key_file)]
+        object.__setattr__(self, "stamp", tuple(n for st in stats for n in (st.st_mtime_ns, st.st_size)))
 
 
 @dataclass(frozen=True)
@@ -76,6 +131,7 @@ class ServiceConfig:
     allow: Policy | None = field(default=None, compare=False)
     scrub_responses: bool = True  # injected secrets masked in responses (authproxy.proxy.scrub)
     hosts: tuple[str, ...] = field(default=(), compare=False)  # forward-proxy mode: lower-case host names that are this service's
+    tls: TlsClientConfig | None = None  # the client certificate of every TLS connection (mTLS)
 
 
 def parse_upstream(value: str) -> Upstream:
@@ -146,7 +202,7 @@ def load_services(loader: SectionLoader, node: yaml.Node | None) -> dict[str, Se
             seq = child_node(vnode, "hosts")
             where = seq.value[i] if isinstance(seq, yaml.SequenceNode) and i < len(seq.value) else vnode
             loader.err(where, f"{kp}.hosts[{i}]", f"{h} is already a host of service {hosts[h]}")
-        if auth is INVALID or upstream is None or taken:
+        if auth is INVALID or upstream is None or taken or not _tls_fits(loader, vnode, kp, svc.tls, upstream, auth):
             continue
         prefixes[prefix] = name
         hosts.update((h, name) for h in svc.hosts)
@@ -162,8 +218,29 @@ def load_services(loader: SectionLoader, node: yaml.Node | None) -> dict[str, Se
             allow=svc.policy(),
             scrub_responses=svc.scrub_responses,
             hosts=svc.hosts,
+            tls=svc.tls,
         )
     return out
+
+
+#: Credential URLs a scheme's settings may name: with one of them https, ``tls`` is used
+#: even when the upstream is plain http.
+_CREDENTIAL_URLS = ("token_url", "revocation_url", "api_url")
+
+
+def _tls_fits(loader: SectionLoader, vnode: yaml.Node, kp: str, tls: "TlsClientConfig | None", upstream: Upstream, auth: Any) -> bool:
+    """Strict on purpose: a client certificate that no connection would present, or a
+    ``client_auth`` that needs one that is not there, is an error, not a surprise later."""
+    if tls is None:
+        if getattr(auth, "uses_client_certificate", False):
+            where = child_node(child_node(vnode, "auth"), "client_auth")
+            loader.err(where, f"{kp}.auth.client_auth", f"{getattr(auth, 'client_auth', 'this scheme')} authenticates with the service's client certificate: give the service tls: {{cert_file, key_file}}")
+            return False
+        return True
+    if upstream.scheme == "https" or any(str(getattr(auth, k, None) or "").startswith("https://") for k in _CREDENTIAL_URLS):
+        return True
+    loader.err(child_node(vnode, "tls"), f"{kp}.tls", "not used: the upstream is plain http and no credential URL (token_url) is https")
+    return False
 
 
 def _auth(loader: SectionLoader, node: yaml.Node, keypath: str, schemes: Mapping[str, Any]) -> tuple[str, Any]:
@@ -206,8 +283,11 @@ class _ServiceSection:
     allow: tuple[_AllowRule, ...] | None = None
     scrub_responses: bool = True
     hosts: tuple[str, ...] = ()  # forward-proxy mode; exact names, case-insensitive
+    tls: TlsClientConfig | None = None
 
     def check(self) -> None:
+        if self.tls is not None and self.tls.cert_file is None:
+            object.__setattr__(self, "tls", None)  # tls: {cert_file: null, key_file: null} is no tls
         if self.max_replay_body < 0:
             raise FieldError("max_replay_body", "must not be negative")
         names = tuple(h.strip().lower().rstrip(".") for h in self.hosts)

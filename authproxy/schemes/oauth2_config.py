@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import urlsplit
 
+from authproxy.schemes import rfc8705
 from authproxy.schemes.rfc6749 import RESERVED_PARAMS, ClientAuthMethod
 from authproxy.schemes.rfc7523 import MAX_LIFETIME, KeyFileError, load_private_key
 from authproxy.schemes.rfc8252 import OOB, parse_loopback
@@ -56,6 +57,12 @@ class OAuth2Config:
             if name in RESERVED_PARAMS:
                 raise FieldError("extra_params", f"{name} is set by authproxy itself; use the matching setting instead")
 
+    @property
+    def uses_client_certificate(self) -> bool:
+        """True when the service's ``tls`` certificate is this client's credential (the
+        service section checks that ``tls`` is given: this section cannot see it)."""
+        return self.client_auth == rfc8705.TLS_CLIENT_AUTH
+
     def _check_client_auth(self) -> None:
         method = self.client_auth
         if method in ("client_secret_post", "client_secret_basic"):
@@ -76,6 +83,11 @@ class OAuth2Config:
             return
         if self.private_key_file is not None:
             raise FieldError("private_key_file", "only used with client_auth: private_key_jwt")
+        if method == rfc8705.TLS_CLIENT_AUTH:  # the service's tls certificate: see uses_client_certificate
+            bad = rfc8705.plain_http({"token_url": self.token_url, "revocation_url": self.revocation_url})
+            if bad is not None:
+                raise FieldError(bad, rfc8705.NEEDS_HTTPS)
+            return
         if self.grant != "authorization_code":
             raise FieldError("client_auth", "none (a public client) works only with grant: authorization_code")
         if not self.pkce:

@@ -18,13 +18,14 @@ from typing import TYPE_CHECKING, Any, Literal, Mapping
 from urllib.parse import quote_plus, urlencode
 
 from authproxy.schemes.base import CredentialError, Reply
+from authproxy.schemes import rfc8705
 from authproxy.schemes.rfc7523 import ASSERTION_TYPE, AssertionSigner
 from authproxy.secret import Secret
 
 if TYPE_CHECKING:
     from authproxy.schemes.base import SchemeContext
 
-ClientAuthMethod = Literal["client_secret_post", "client_secret_basic", "private_key_jwt", "none"]
+ClientAuthMethod = Literal["client_secret_post", "client_secret_basic", "private_key_jwt", "tls_client_auth", "none"]
 
 #: Errors that mean "the server will keep saying no until someone changes the config".
 REFUSALS = frozenset({"invalid_client", "unauthorized_client", "invalid_scope", "unsupported_grant_type"})
@@ -101,6 +102,9 @@ class ClientAuth:
             encoded = base64.b64encode(pair.encode("utf-8")).decode("ascii")
             headers["Authorization"] = f"Basic {encoded}"
             return [self._secret, Secret(quote_plus(self._secret.reveal(), safe="")), Secret(encoded)]
+        if self.method == rfc8705.TLS_CLIENT_AUTH:
+            form.update(rfc8705.form_params(self.client_id))  # the certificate, in the handshake, is the proof
+            return []
         form["client_id"] = self.client_id
         if self.method == "client_secret_post":
             assert self._secret is not None

@@ -238,7 +238,7 @@ async def _metadata(request: web.Request) -> web.Response:
             "revocation_endpoint": base + REVOKE_PATH,
             "grant_types_supported": sorted(GRANTS),
             "response_types_supported": ["code"],
-            "token_endpoint_auth_methods_supported": ["client_secret_post", "client_secret_basic", "private_key_jwt", "none"],
+            "token_endpoint_auth_methods_supported": ["client_secret_post", "client_secret_basic", "private_key_jwt", "tls_client_auth", "none"],
             "token_endpoint_auth_signing_alg_values_supported": ["RS256", "ES256"],
             "code_challenge_methods_supported": ["S256"],
             "authorization_response_iss_parameter_supported": True,

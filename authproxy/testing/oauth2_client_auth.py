@@ -1,5 +1,8 @@
-"""The strict OAuth 2.0 mock's client authentication (RFC 6749 §2.3, RFC 7523 §2.2):
-exactly one method per request, each checked the way a certified server does."""
+"""The strict OAuth 2.0 mock's client authentication (RFC 6749 §2.3, RFC 7523 §2.2,
+RFC 8705 §2.1): exactly one method per request, each checked the way a certified
+server does. A client certificate is no method by itself (a connection may carry
+one for other reasons): it authenticates only a client registered for
+``tls_client_auth``, which is then the method."""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ from urllib.parse import unquote_plus
 
 import jwt
 from aiohttp import web
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
@@ -63,11 +67,41 @@ def authenticate(request: web.Request, form: dict[str, str]) -> tuple[Client, st
         client = st.clients.get(form.get("client_id", ""))
         if client is None:
             raise OAuthFail("invalid_client", "unknown client or no client authentication", 401)
-        if not client.public:
+        if "tls_client_auth" in client.methods:
+            _verify_certificate(request, client)
+            method = "tls_client_auth"
+        elif not client.public:
             raise OAuthFail("invalid_client", "this client must authenticate", 401)
     if method not in client.methods:
         raise OAuthFail("invalid_client", f"this client is not registered for {method}", 401, basic=method == "client_secret_basic")
     return client, method
+
+
+def _verify_certificate(request: web.Request, client: Client) -> None:
+    """RFC 8705 §2.1.2: the certificate of this TLS connection (chain-verified by the
+    server's context against its trusted CA) must carry the client's registered name."""
+    st = request.app[STATE]
+    ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
+    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+    if not der:
+        st.client_certs.append(None)
+        raise OAuthFail("invalid_client", "tls_client_auth: no client certificate was presented in the TLS handshake", 401)
+    cert = x509.load_der_x509_certificate(der)
+    subject = cert.subject.rfc4514_string()
+    st.client_certs.append(subject)
+    kind, expected = client.tls_client_auth or ("", "")
+    if kind == "tls_client_auth_subject_dn":
+        ok = subject == expected
+    else:
+        san_type = {"tls_client_auth_san_dns": x509.DNSName, "tls_client_auth_san_uri": x509.UniformResourceIdentifier,
+                    "tls_client_auth_san_email": x509.RFC822Name}.get(kind)  # fmt: skip
+        try:
+            names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        except x509.ExtensionNotFound:
+            names = None
+        ok = san_type is not None and names is not None and expected in names.get_values_for_type(san_type)
+    if not ok:
+        raise OAuthFail("invalid_client", f"tls_client_auth: the client certificate ({subject}) is not the one registered for this client", 401)
 
 
 def _basic(header: str) -> tuple[str, str]:

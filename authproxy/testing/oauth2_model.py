@@ -55,6 +55,9 @@ class Client:
     redirect_uris: tuple[str, ...] = DEMO_REDIRECTS
     scopes: frozenset[str] = frozenset({"read", "write", "offline_access"})
     default_scope: str = "read"
+    # RFC 8705 §2.1.2, for tls_client_auth: the one registered name the client certificate
+    # must carry, e.g. ("tls_client_auth_subject_dn", "CN=a,O=b") or ("tls_client_auth_san_dns", "a.example").
+    tls_client_auth: tuple[str, str] | None = None
 
     @property
     def public(self) -> bool:
@@ -128,6 +131,7 @@ class OAuth2State:
     codes: dict[str, Code] = field(default_factory=dict)
     jtis: dict[str, float] = field(default_factory=dict)
     assertions: list[str] = field(default_factory=list)  # every client assertion received
+    client_certs: list[str | None] = field(default_factory=list)  # tls_client_auth: each request's certificate subject
     serial: int = 0
 
     # ---- switches for tests and the demo
