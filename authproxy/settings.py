@@ -129,6 +129,8 @@ class SectionLoader:
             inner = [a for a in args if a is not type(None)]
             if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null":
                 return None
+            if isinstance(node, yaml.SequenceNode):  # "one or a list" (str | tuple[str, ...]): the list form
+                inner = [a for a in inner if typing.get_origin(a) is tuple] or inner
             return self.convert(inner[0], node, keypath)
         if origin is tuple:
             if not isinstance(node, yaml.SequenceNode):

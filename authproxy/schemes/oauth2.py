@@ -34,7 +34,8 @@ from authproxy.schemes.base import CliIO, Credential, CredentialError, Interacti
 from authproxy.schemes.oauth2_login import LOGIN_DOC, CodeLogin
 from authproxy.schemes.oauth2_config import OAuth2Config
 from authproxy.schemes.rfc6749 import ClientAuth, OAuthError, TokenEndpoint, TokenReply
-from authproxy.schemes.rfc7523 import AssertionSigner, KeyFileError, load_private_key
+from authproxy.schemes.rfc7523 import AssertionSigner, KeyFileError, jwt_bearer_params, load_private_key
+from authproxy.schemes.rfc8693 import token_exchange_params
 from authproxy.secret import Secret
 from authproxy.store.base import StoreError
 
@@ -322,15 +323,17 @@ async def _client_credentials(scheme: OAuth2Scheme) -> dict[str, str]:
 #: grant → the token request's parameters (client authentication is added by the
 #: endpoint). A grant whose tokens come from a person's login is not here: those
 #: trade the stored refresh token (authorization_code, device_code).
-DIRECT_GRANTS: dict[str, Callable[[OAuth2Scheme], Awaitable[dict[str, str]]]] = {
+DIRECT_GRANTS: dict[str, Callable[[OAuth2Scheme], Awaitable[Mapping[str, str | list[str]]]]] = {
     "client_credentials": _client_credentials,
+    "token_exchange": token_exchange_params,  # RFC 8693
+    "jwt_bearer": jwt_bearer_params,  # RFC 7523 §2.1
 }
 
 
 # --------------------------------------------------------------------------- helpers
 
 
-def _secret_values(params: Mapping[str, str]) -> tuple[Secret, ...]:
+def _secret_values(params: Mapping[str, str | list[str]]) -> tuple[Secret, ...]:
     """Values a grant sends that are secrets of their own (an assertion, a subject
     token): masked in any error text that echoes them."""
     return tuple(Secret(v) for k, v in params.items() if k in GRANT_SECRETS and v)

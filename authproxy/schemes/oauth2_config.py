@@ -11,8 +11,10 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 from authproxy.schemes import rfc8705
+from authproxy.schemes import rfc8693
+from authproxy.schemes.google_service_account import ServiceAccountFileError, read_service_account
 from authproxy.schemes.rfc6749 import RESERVED_PARAMS, ClientAuthMethod
-from authproxy.schemes.rfc7523 import MAX_LIFETIME, KeyFileError, load_private_key
+from authproxy.schemes.rfc7523 import GRANT_KEYS, MAX_GRANT_LIFETIME, MAX_LIFETIME, KeyFileError, check_jwt_bearer, load_private_key
 from authproxy.schemes.rfc8252 import OOB, parse_loopback
 from authproxy.secret import Secret
 from authproxy.settings import FieldError, FilePath
@@ -20,10 +22,10 @@ from authproxy.settings import FieldError, FilePath
 
 @dataclass(frozen=True)
 class OAuth2Config:
-    token_url: str
-    client_id: str
-    grant: Literal["client_credentials", "authorization_code"] = "client_credentials"
-    client_auth: ClientAuthMethod = "client_secret_post"
+    token_url: str | None = None  # required, unless a service_account_file's token_uri gives it
+    client_id: str | None = None  # required, unless client_auth: none with token_exchange or jwt_bearer
+    grant: Literal["client_credentials", "authorization_code", "token_exchange", "jwt_bearer"] = "client_credentials"
+    client_auth: ClientAuthMethod | None = None  # default: none with jwt_bearer (Google's way), else client_secret_post
     client_secret: Secret | None = None
     private_key_file: FilePath | None = None
     jwt_alg: Literal["RS256", "ES256"] = "RS256"
@@ -36,17 +38,34 @@ class OAuth2Config:
     revocation_url: str | None = None
     issuer: str | None = None
     refresh_margin: float = 60.0
+    # grant: token_exchange (RFC 8693; see rfc8693.py)
+    subject_token_file: FilePath | None = None  # read at every exchange: rotated in place
+    subject_token_type: str | None = None  # default urn:ietf:params:oauth:token-type:jwt
+    actor_token_file: FilePath | None = None
+    actor_token_type: str | None = None
+    audience: str | None = None
+    resource: str | tuple[str, ...] | None = None  # one URI or a list (repeated parameters)
+    requested_token_type: str | None = None
+    # grant: jwt_bearer (RFC 7523 §2.1; see rfc7523.py)
+    assertion_claims: dict[str, str] = field(default_factory=dict)  # iss, sub, aud, scope
+    service_account_file: FilePath | None = None  # Google's JSON key: iss, key, kid, token_uri
+
+    def __post_init__(self) -> None:
+        if self.client_auth is None:  # a default that depends on the grant
+            object.__setattr__(self, "client_auth", "none" if self.grant == "jwt_bearer" else "client_secret_post")
 
     def check(self) -> None:
         """Cross-field rules: a setting that would be silently ignored is an error too."""
+        self._check_origin()
         for key in ("token_url", "authorize_url", "revocation_url"):
             value = getattr(self, key)
             if value is not None:
                 _check_url(key, value)
-        if not self.client_id.strip():
+        if self.client_id is not None and not self.client_id.strip():
             raise FieldError("client_id", "must not be empty")
-        if not 0 < self.jwt_lifetime <= MAX_LIFETIME:
-            raise FieldError("jwt_lifetime", f"must be 1..{MAX_LIFETIME} seconds (an assertion is a short-lived password)")
+        limit = MAX_GRANT_LIFETIME if self.grant == "jwt_bearer" and self.client_auth != "private_key_jwt" else MAX_LIFETIME
+        if not 0 < self.jwt_lifetime <= limit:
+            raise FieldError("jwt_lifetime", f"must be 1..{limit} seconds (an assertion is a short-lived password)")
         if self.refresh_margin < 0:
             raise FieldError("refresh_margin", "must not be negative")
         self._check_client_auth()
@@ -68,7 +87,7 @@ class OAuth2Config:
         if method in ("client_secret_post", "client_secret_basic"):
             if not self.client_secret:
                 raise FieldError("client_secret", f"required with client_auth: {method} (give client_secret or client_secret_file)")
-            if self.private_key_file is not None:
+            if self.private_key_file is not None and self.grant != "jwt_bearer":
                 raise FieldError("private_key_file", "only used with client_auth: private_key_jwt")
             return
         if self.client_secret is not None:
@@ -81,19 +100,41 @@ class OAuth2Config:
             except KeyFileError as e:
                 raise FieldError("private_key_file", str(e)) from None
             return
-        if self.private_key_file is not None:
-            raise FieldError("private_key_file", "only used with client_auth: private_key_jwt")
+        if self.private_key_file is not None and self.grant != "jwt_bearer":
+            raise FieldError("private_key_file", "only used with client_auth: private_key_jwt or grant: jwt_bearer")
         if method == rfc8705.TLS_CLIENT_AUTH:  # the service's tls certificate: see uses_client_certificate
             bad = rfc8705.plain_http({"token_url": self.token_url, "revocation_url": self.revocation_url})
             if bad is not None:
                 raise FieldError(bad, rfc8705.NEEDS_HTTPS)
             return
-        if self.grant != "authorization_code":
-            raise FieldError("client_auth", "none (a public client) works only with grant: authorization_code")
-        if not self.pkce:
+        if self.grant not in ("authorization_code", "token_exchange", "jwt_bearer"):
+            raise FieldError("client_auth", "none (a public client) works only with grant: authorization_code, token_exchange or jwt_bearer")
+        if not self.pkce and self.grant == "authorization_code":
             raise FieldError("pkce", "a public client (client_auth: none) must use PKCE")
 
+    def _check_origin(self) -> None:
+        """``token_url`` and ``client_id``: required, except where the grant supplies them."""
+        if self.token_url is None and self.grant == "jwt_bearer" and self.service_account_file is not None:
+            try:
+                account = read_service_account(self.service_account_file)
+            except ServiceAccountFileError as e:
+                raise FieldError("service_account_file", str(e)) from None
+            object.__setattr__(self, "token_url", account.token_uri)
+        if self.token_url is None:
+            hint = " (or a service_account_file with a token_uri)" if self.grant == "jwt_bearer" else ""
+            raise FieldError("token_url", f"required{hint}")
+        if self.client_id is None and not (self.client_auth == "none" and self.grant in ("token_exchange", "jwt_bearer")):
+            raise FieldError("client_id", "required")
+
     def _check_grant(self) -> None:
+        for grant, keys in (("token_exchange", rfc8693.KEYS), ("jwt_bearer", GRANT_KEYS)):
+            for key in keys:
+                if self.grant != grant and getattr(self, key):
+                    raise FieldError(key, f"only used with grant: {grant}")
+        if self.grant == "token_exchange":
+            rfc8693.check_config(self)
+        elif self.grant == "jwt_bearer":
+            check_jwt_bearer(self)
         if self.grant == "authorization_code":
             if self.authorize_url is None:
                 raise FieldError("authorize_url", "required with grant: authorization_code")

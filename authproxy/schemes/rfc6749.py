@@ -14,7 +14,7 @@ import base64
 import math
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, Mapping
+from typing import TYPE_CHECKING, Any, Literal, Mapping, Sequence
 from urllib.parse import quote_plus, urlencode
 
 from authproxy.schemes.base import CredentialError, Reply
@@ -46,6 +46,11 @@ RESERVED_PARAMS = frozenset(
         "token_type_hint",
     }
 )
+BEARER = frozenset({"bearer"})
+#: token_type values a grant's reply may carry besides Bearer (compared lower-case). RFC 8693
+#: §2.2.1: a token exchange may issue something that is not an access token ("N_A"); it is
+#: still sent as a Bearer token.
+TOKEN_TYPES = {"urn:ietf:params:oauth:grant-type:token-exchange": frozenset({"bearer", "n_a"})}
 _VISIBLE = re.compile(r"^[\x21-\x7e]+$")
 _UNPRINTABLE = re.compile(r"[^\x20-\x7e]+")
 
@@ -76,7 +81,7 @@ class ClientAuth:
     def __init__(
         self,
         method: ClientAuthMethod,
-        client_id: str,
+        client_id: str | None,  # None: a client that does not name itself (jwt_bearer, token_exchange with none)
         secret: Secret | None = None,
         signer: AssertionSigner | None = None,
     ) -> None:
@@ -105,7 +110,8 @@ class ClientAuth:
         if self.method == rfc8705.TLS_CLIENT_AUTH:
             form.update(rfc8705.form_params(self.client_id))  # the certificate, in the handshake, is the proof
             return []
-        form["client_id"] = self.client_id
+        if self.client_id is not None:
+            form["client_id"] = self.client_id
         if self.method == "client_secret_post":
             assert self._secret is not None
             form["client_secret"] = self._secret.reveal()
@@ -128,26 +134,28 @@ class TokenEndpoint:
         self.auth = auth
         self.extra_params = dict(extra_params)
 
-    async def request(self, params: Mapping[str, str], *, what: str, secrets: tuple[Secret, ...] = ()) -> TokenReply:
+    async def request(self, params: Mapping[str, str | Sequence[str]], *, what: str, secrets: tuple[Secret, ...] = ()) -> TokenReply:
         """POST one token request; returns the reply or raises CredentialError/OAuthError."""
         reply, masks = await self.post(self.url, {**self.extra_params, **params}, what=what, secrets=secrets)
         if reply.status != 200:
             raise oauth_error(self.ctx, reply, what, masks)
-        return parse_token_reply(self.ctx, reply, what, masks)
+        return parse_token_reply(self.ctx, reply, what, masks, TOKEN_TYPES.get(str(params.get("grant_type")), BEARER))
 
     async def post(
-        self, url: str, params: Mapping[str, str], *, what: str, secrets: tuple[Secret, ...] = ()
+        self, url: str, params: Mapping[str, str | Sequence[str]], *, what: str, secrets: tuple[Secret, ...] = ()
     ) -> tuple[Reply, list[Secret]]:
         """A client-authenticated form POST (token and revocation endpoints alike)."""
         form = dict(params)
         headers = {"Accept": "application/json", "Content-Type": "application/x-www-form-urlencoded"}
         masks = [*secrets, *self.auth.apply(form, headers)]
-        body = urlencode(form).encode("ascii")
+        body = urlencode(form, doseq=True).encode("ascii")  # a list value: repeated parameter (RFC 8693 resource)
         reply = await self.ctx.request("POST", url, what=what, data=body, headers=headers)
         return reply, masks
 
 
-def parse_token_reply(ctx: "SchemeContext", reply: Reply, what: str, masks: list[Secret]) -> TokenReply:
+def parse_token_reply(
+    ctx: "SchemeContext", reply: Reply, what: str, masks: list[Secret], token_types: frozenset[str] = frozenset({"bearer"})
+) -> TokenReply:
     doc = _json_object(reply)
     if doc is None:
         raise CredentialError(f"{what}: {reply.url} answered 200 with a body that is not a JSON object")
@@ -157,7 +165,7 @@ def parse_token_reply(ctx: "SchemeContext", reply: Reply, what: str, masks: list
     if not _VISIBLE.fullmatch(token):
         raise CredentialError(f"{what}: {reply.url} answered with an access_token that cannot be sent in a header")
     token_type = doc.get("token_type", "Bearer")
-    if not isinstance(token_type, str) or token_type.lower() != "bearer":
+    if not isinstance(token_type, str) or token_type.lower() not in token_types:
         shown = clean_text(str(token_type), 40)
         raise CredentialError(
             f"{what}: {reply.url} issued a token of type {shown!r}; authproxy sends only Bearer tokens (RFC 6750)",

@@ -39,6 +39,7 @@ from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 from aiohttp import web
 
 from authproxy.testing import DemoService, TourStep
+from authproxy.testing import oauth2_assertions
 from authproxy.testing.oauth2_client_auth import authenticate, issuer as _issuer
 from authproxy.testing.oauth2_grants import GRANTS, scope_for as _scope
 from authproxy.testing.oauth2_model import *  # noqa: F403 - the mock's data is part of its API
@@ -88,7 +89,7 @@ async def _token(request: web.Request) -> web.Response:
         status, body, ctype = st.fail_next.pop(0)
         return web.Response(status=status, text=body, content_type=ctype)
     try:
-        client, method = authenticate(request, form)
+        client, method = oauth2_assertions.unauthenticated(request, grant, form) or authenticate(request, form)
         handler = GRANTS.get(grant)
         if handler is None:
             raise OAuthFail("unsupported_grant_type", f"grant_type {grant!r} is not supported")
@@ -106,9 +107,10 @@ async def _form(request: web.Request) -> dict[str, str]:
     if request.query_string:
         raise OAuthFail("invalid_request", "token request parameters belong in the body, not the URL")
     pairs = parse_qsl(await request.text(), keep_blank_values=True)
+    request[oauth2_assertions.FORM_PAIRS] = pairs  # repeatable parameters, as sent
     names = [k for k, _ in pairs]
     for name in names:
-        if names.count(name) > 1:
+        if names.count(name) > 1 and name not in oauth2_assertions.REPEATABLE_PARAMS:
             raise OAuthFail("invalid_request", f"parameter {name} is repeated (RFC 6749 §3.2)")
     return dict(pairs)
 
@@ -317,6 +319,7 @@ def make_app(
     app.router.add_post(REVOKE_PATH, _revoke)
     app.router.add_get("/.well-known/oauth-authorization-server", _metadata)
     app.router.add_route("*", API_PATH + "/{tail:.*}", _api)
+    oauth2_assertions.install(app)  # RFC 8693 token exchange, RFC 7523 §2.1 JWT-bearer
     return app
 
 
