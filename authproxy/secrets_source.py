@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import signal
 import subprocess
 from pathlib import Path
@@ -142,6 +143,26 @@ class SecretLoader(SectionLoader):
         self.env = env
         self.command_timeout = command_timeout  # seconds a k_command may take
         self.secret_env: set[str] = set()
+        self.sources: list[str] = []  # key paths of the k_file / k_command secrets read (or tried)
+        # Failed reads that tolerate() charged to their owner (a service): owner → why.
+        self.unreadable: dict[str, str] = {}
+
+    def tolerate(self, keypath: str) -> str | None:
+        """Whom a failed read of the secret at ``keypath`` may be charged to instead of
+        making the whole file invalid (None: it is an error, the default). A running
+        proxy that re-reads its file says: the service it belongs to, which then goes
+        to ``error`` alone while every other service carries on."""
+        return None
+
+    def _unreadable(self, node: yaml.Node, keypath: str, message: str) -> Any:
+        owner = self.tolerate(keypath)
+        if owner is None:
+            self.err(node, keypath, message)
+            return INVALID
+        self.unreadable.setdefault(owner, f"{keypath}: {message}")
+        # A random stand-in keeps the rest of the owner's settings readable (its routes,
+        # its upstream); it is never sent anywhere, and never equal to a real value.
+        return "unreadable-" + secrets.token_hex(16)
 
     def expand(self, text: str) -> str:
         return interpolate(text, self.env, self.base_dir)
@@ -157,6 +178,7 @@ class SecretLoader(SectionLoader):
     def secret_source(self, key: str, vnode: yaml.Node, kp: str) -> Any:
         """The text of a ``k_file`` or ``k_command`` secret, or INVALID (the error said)."""
         self.note_secret_env(vnode)
+        self.sources.append(kp)
         if key.endswith("_command"):
             if not isinstance(vnode, yaml.SequenceNode) or not vnode.value:
                 self.err(vnode, kp, "expected a list [PROGRAM, ARG...] (run without a shell)")
@@ -168,8 +190,7 @@ class SecretLoader(SectionLoader):
             try:
                 return run_secret_command(argv, self.base_dir, env, timeout=self.command_timeout)
             except ValueError as e:
-                self.err(vnode, kp, str(e))
-                return INVALID
+                return self._unreadable(vnode, kp, str(e))
         path = self.scalar(vnode, kp)
         if path is INVALID:
             return INVALID
@@ -179,5 +200,4 @@ class SecretLoader(SectionLoader):
         try:
             return read_secret_file(path, self.base_dir)
         except ValueError as e:
-            self.err(vnode, kp, str(e))
-            return INVALID
+            return self._unreadable(vnode, kp, str(e))

@@ -131,6 +131,9 @@ class ServiceConfig:
     allow: Policy | None = field(default=None, compare=False)
     scrub_responses: bool = True  # injected secrets masked in responses (authproxy.proxy.scrub)
     hosts: tuple[str, ...] = field(default=(), compare=False)  # forward-proxy mode: lower-case host names that are this service's
+    # Key paths of its k_file / k_command secrets (e.g. auth.token_command): read again when
+    # the upstream rejects what they built (authproxy.proxy.reread).
+    secret_sources: tuple[str, ...] = field(default=(), compare=False)
     tls: TlsClientConfig | None = None  # the client certificate of every TLS connection (mTLS)
 
 

@@ -71,6 +71,9 @@ class ServiceCredentials:
         # Several processes share the credentials: read what they stored, fetch under the lock.
         self.shared = SharedSlots(name, store, self._identity, clock) if shared else None
         self._loaded: asyncio.Future[None] | None = None
+        # Set by the proxy when the service's secrets come from files or commands: called
+        # when the upstream refuses what they built, to read them again (proxy/reread.py).
+        self.on_refused: Callable[[], None] | None = None
         scheme.ctx.credentials = CredentialDoor(self)  # what a scheme may ask of its sibling credentials
 
     async def _ensure_loaded(self) -> None:
@@ -179,6 +182,8 @@ class ServiceCredentials:
         if self.records.forget(cred.token.reveal()):
             self._background(self.records.save())
         log_event(log, logging.INFO, "credential_rejected", service=self.name, key=key)
+        if key is None and self.on_refused is not None:
+            self.on_refused()
 
     # ------------------------------------------------------------------ fetching
     def _start_fetch(self, key: str | None) -> asyncio.Future[Credential]:
@@ -273,6 +278,8 @@ class ServiceCredentials:
     def _fail(self, e: CredentialError, state: str) -> None:
         self.health.failed(self.mask(e.message), state, e.refused)
         self._wake.set()
+        if state == "error" and self.on_refused is not None:  # the upstream refused what it was configured with
+            self.on_refused()
 
     def _count(self, result: str) -> None:
         if self.metrics is not None:

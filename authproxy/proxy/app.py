@@ -37,6 +37,7 @@ from authproxy.proxy.listen import open_listeners
 from authproxy.proxy.policy import Policy
 from authproxy.proxy.reload import close_later
 from authproxy.proxy.reload import reload as reload_config
+from authproxy.proxy.reread import Rereader
 from authproxy.proxy.routing import Router
 from authproxy.runtime import ServiceRuntime
 from authproxy.secret import CALLBACK_PARAMS, Redactor, UrlMasker, collect_secrets
@@ -59,6 +60,7 @@ class ProxyServer:
         self.guard = Guard(config.inbound, config.listen)
         self.policies: dict[str, Policy] = {}  # services with allow rules (compiled at config load)
         self.forward_proxy: ForwardProxy | None = None  # CONNECT and absolute-form requests (built at config load)
+        self.rereads = Rereader(self)  # k_file / k_command secrets read again after a rejection
         self._server: Server | None = None
         self._inflight = 0
         self._idle = asyncio.Event()
@@ -85,7 +87,7 @@ class ProxyServer:
             self.store = open_store(config)
         runtimes: dict[str, ServiceRuntime] = {}
         for name, svc in config.services.items():
-            runtimes[name] = keep.get(name) or ServiceRuntime(svc, self.store, self.metrics)
+            runtimes[name] = keep.get(name) or self.rereads.runtime(svc, config)
         return runtimes
 
     def _install(self, config: Config, runtimes: dict[str, ServiceRuntime]) -> None:

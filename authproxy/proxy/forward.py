@@ -168,7 +168,7 @@ class Forwarder:
                     small, rest_stream = await peek_reply(resp, self.max_replay, self.upstream.origin, name)
                 if self.scheme.is_rejection(resp.status, resp.headers, small if rest_stream is None else None):
                     self.creds.rejected(cred)
-                    renewed = await self._renewed(key) if replayable and attempt == 0 else None
+                    renewed = await self._renewed(key) if replayable and attempt == 0 and self.scheme.refetch_renews else None
                     if renewed is not None:
                         attempt += 1
                         cred = renewed

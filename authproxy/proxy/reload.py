@@ -35,12 +35,14 @@ log = logging.getLogger("authproxy.proxy")
 
 async def reload(server: "ProxyServer", path: str) -> bool:
     """SIGHUP: apply a new config; services whose resolved config is unchanged keep
-    their credentials. An invalid file changes nothing."""
+    their credentials. An invalid file changes nothing; a service whose k_file /
+    k_command secret cannot be read goes to ``error`` alone, the rest applies."""
     systemd.reloading()
     try:
         access_log.reopen()  # logrotate's postrotate: also when the new file is invalid
         try:
-            new = await asyncio.to_thread(load_config, path)
+            # A service whose secret cannot be read goes to `error` alone (proxy/reread.py).
+            new = await asyncio.to_thread(load_config, path, tolerant=True)
         except ConfigError as e:
             log_event(log, logging.ERROR, "reload_failed", config=path, errors=e.errors)
             return False
@@ -48,7 +50,8 @@ async def reload(server: "ProxyServer", path: str) -> bool:
             log_event(log, logging.WARNING, "reload_listen_ignored", reason="changing listen needs a restart", listen=str(server.config.listen))
         new = _replace_listen(new, server.config.listen)
         same_store = (new.store, new.state_dir) == (server.config.store, server.config.state_dir)
-        keep = {n: rt for n, rt in server.runtimes.items() if same_store and n in new.services and new.services[n] == rt.config}
+        unread = server.config.unreadable  # services in error for want of their secret: never kept
+        keep = {n: rt for n, rt in server.runtimes.items() if same_store and n in new.services and new.services[n] == rt.config and n not in unread}
         old = server.runtimes
         old_log = server.config.log
         runtimes = server._build(new, keep)

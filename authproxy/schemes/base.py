@@ -56,6 +56,10 @@ class Scheme:
     persist_created: ClassVar[bool] = False
     #: A created credential replaced before it expired is revoked at once.
     revoke_replaced: ClassVar[bool] = False
+    #: Obtaining again after a rejection may bring a credential that works, so the request
+    #: is replayed with it. False for a configured value: the same one would come back (a
+    #: re-read of its k_file / k_command renews it, for the next request: proxy/reread.py).
+    refetch_renews: ClassVar[bool] = True
 
     def __init__(self, ctx: SchemeContext) -> None:
         self.ctx = ctx

@@ -44,11 +44,15 @@ class QueryConfig:
 
 
 class _Static(Scheme):
-    """A static credential cannot be renewed, so a rejection is the client's answer,
-    not a reason to fetch the same value again and replay."""
+    """A static credential is not renewed by fetching it again, so a rejection is the
+    client's answer, never a reason to replay. But one read from a ``k_file`` or
+    ``k_command`` may have changed there: then a 401 is reported as a rejection, and
+    the proxy reads the secret again (at most once a minute) for the next requests."""
+
+    refetch_renews = False
 
     def is_rejection(self, status: int, headers: Mapping[str, str], body: bytes | None) -> bool:
-        return False
+        return status == 401 and bool(self.ctx.service.secret_sources)
 
 
 class BearerScheme(_Static):
