@@ -29,7 +29,7 @@ import time
 from typing import Any, AsyncIterator, Awaitable, Callable, Mapping
 
 from authproxy.observe import log_event
-from authproxy.schemes import rfc7009
+from authproxy.schemes import rfc7009, rfc8628
 from authproxy.schemes.base import CliIO, Credential, CredentialError, Interactive, LoginRequired, Outgoing, Scheme, SchemeContext, Stateful
 from authproxy.schemes.oauth2_login import LOGIN_DOC, CodeLogin
 from authproxy.schemes.oauth2_config import OAuth2Config
@@ -176,6 +176,9 @@ class OAuth2Scheme(Scheme, Interactive, Stateful):
             return handoff
         if self._dead is not None and await self._version() == self._dead[0]:
             raise LoginRequired(self._dead[1])
+        stored = _stored_access(await self._read(REFRESH_DOC), self.identity())
+        if stored is not None:  # a login that got no refresh token: its access token, until it expires
+            return stored
         async with self._locked(REFRESH_DOC):
             token = await self._usable_refresh_token()
             started = time.time()
@@ -208,7 +211,7 @@ class OAuth2Scheme(Scheme, Interactive, Stateful):
         elif doc.get("rejected"):
             reason = f"the stored refresh token was refused ({doc['rejected']})"
         elif token is None:
-            reason = "the stored login holds no refresh token"
+            reason = "the stored login holds no refresh token" + (" and its access token has expired" if doc.get("access_token") else "")
         if reason is not None:
             self._dead = (mtime, reason)
             raise LoginRequired(reason)
@@ -227,6 +230,14 @@ class OAuth2Scheme(Scheme, Interactive, Stateful):
             self._unsaved = token
             raise CredentialError(f"cannot store the new refresh token ({e}); retrying") from None
         self._unsaved = None
+        self._dead = None
+
+    async def _store_access_only(self, cred: Credential) -> None:
+        doc = {"identity": self.identity(), "refresh_token": None, "access_token": cred.token.reveal(), "expires_at": cred.expires_at, "stored_at": time.time(), "rejected": None}
+        try:
+            await self.ctx.store.put(REFRESH_DOC, doc)
+        except StoreError as e:
+            raise CredentialError(f"cannot store the login's access token ({e})") from None
         self._dead = None
 
     async def _mark_rejected(self, message: str) -> None:
@@ -265,23 +276,31 @@ class OAuth2Scheme(Scheme, Interactive, Stateful):
 
     # ------------------------------------------------------------------ authorization_code: login
     async def login(self, cli: CliIO, device: bool = False) -> None:
+        if device or self.config.grant == "device_code":
+            await rfc8628.login(self, cli)  # RFC 8628: no browser on this machine
+            return
         await self._login.login(cli)
 
     async def callback(self, params: Mapping[str, str]) -> tuple[int, str]:
         return await self._login.callback(params)
 
-    async def store_login(self, reply: TokenReply, started: float) -> None:
+    async def store_login(self, reply: TokenReply, started: float, keep_access: bool = False) -> None:
         """Keep what a code exchange brought: the refresh token, stored durably before
         anything else; the access token, handed to the next obtain() in this process;
-        and the previous login's refresh token is revoked (best effort)."""
-        if reply.refresh_token is None:
+        and the previous login's refresh token is revoked (best effort). ``keep_access``
+        (the device flow): a reply without a refresh token stores its access token
+        instead, for every process to use until it expires (then login_required)."""
+        if reply.refresh_token is None and not keep_access:
             raise CredentialError(
                 "the server issued no refresh token, so authproxy could not renew access once this one expires "
                 "(some servers want an offline_access scope, or refresh tokens enabled for the client)"
             )
         async with self._locked(REFRESH_DOC):
             old = await self.read_quiet(REFRESH_DOC)
-            await self._store_refresh_token(reply.refresh_token)
+            if reply.refresh_token is not None:
+                await self._store_refresh_token(reply.refresh_token)
+            else:
+                await self._store_access_only(_credential(reply, started))
         self._handoff = _credential(reply, started)
         if not isinstance(old, dict) or old.get("identity") != self.identity() or old.get("rejected"):
             return
@@ -347,6 +366,18 @@ def _credential(reply: TokenReply, started: float) -> Credential:
     expires_at = None if reply.expires_in is None else started + reply.expires_in
     meta = {"scope": reply.scope} if reply.scope else {}
     return Credential(token=reply.access_token, expires_at=expires_at, created=True, obtained_at=started, meta=meta)
+
+
+def _stored_access(doc: Any, identity: str) -> Credential | None:
+    """The access token a login stored because the server issued no refresh token,
+    while it lives (counted from now, so the manager re-reads it, ever closer to its end)."""
+    if not isinstance(doc, dict) or doc.get("identity") != identity or doc.get("refresh_token") or doc.get("rejected"):
+        return None
+    token, expires_at, now = doc.get("access_token"), doc.get("expires_at"), time.time()
+    if not isinstance(token, str) or not token or (isinstance(expires_at, (int, float)) and expires_at <= now + 1):
+        return None
+    expires = float(expires_at) if isinstance(expires_at, (int, float)) else None
+    return Credential(token=Secret(token), expires_at=expires, created=True, obtained_at=now)
 
 
 def _stored_token(doc: Any) -> Secret | None:

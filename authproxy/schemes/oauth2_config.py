@@ -24,7 +24,7 @@ from authproxy.settings import FieldError, FilePath
 class OAuth2Config:
     token_url: str | None = None  # required, unless a service_account_file's token_uri gives it
     client_id: str | None = None  # required, unless client_auth: none with token_exchange or jwt_bearer
-    grant: Literal["client_credentials", "authorization_code", "token_exchange", "jwt_bearer"] = "client_credentials"
+    grant: Literal["client_credentials", "authorization_code", "device_code", "token_exchange", "jwt_bearer"] = "client_credentials"
     client_auth: ClientAuthMethod | None = None  # default: none with jwt_bearer (Google's way), else client_secret_post
     client_secret: Secret | None = None
     private_key_file: FilePath | None = None
@@ -33,6 +33,7 @@ class OAuth2Config:
     scope: str | None = None
     extra_params: dict[str, str] = field(default_factory=dict)
     authorize_url: str | None = None
+    device_authorization_url: str | None = None  # RFC 8628: device_code, or login --device on authorization_code
     redirect_uri: str = OOB
     pkce: bool = True
     revocation_url: str | None = None
@@ -57,7 +58,7 @@ class OAuth2Config:
     def check(self) -> None:
         """Cross-field rules: a setting that would be silently ignored is an error too."""
         self._check_origin()
-        for key in ("token_url", "authorize_url", "revocation_url"):
+        for key in ("token_url", "authorize_url", "revocation_url", "device_authorization_url"):
             value = getattr(self, key)
             if value is not None:
                 _check_url(key, value)
@@ -107,8 +108,8 @@ class OAuth2Config:
             if bad is not None:
                 raise FieldError(bad, rfc8705.NEEDS_HTTPS)
             return
-        if self.grant not in ("authorization_code", "token_exchange", "jwt_bearer"):
-            raise FieldError("client_auth", "none (a public client) works only with grant: authorization_code, token_exchange or jwt_bearer")
+        if self.grant not in ("authorization_code", "device_code", "token_exchange", "jwt_bearer"):
+            raise FieldError("client_auth", "none (a public client) works only with grant: authorization_code, device_code, token_exchange or jwt_bearer")
         if not self.pkce and self.grant == "authorization_code":
             raise FieldError("pkce", "a public client (client_auth: none) must use PKCE")
 
@@ -135,6 +136,10 @@ class OAuth2Config:
             rfc8693.check_config(self)
         elif self.grant == "jwt_bearer":
             check_jwt_bearer(self)
+        if self.device_authorization_url is None and self.grant == "device_code":
+            raise FieldError("device_authorization_url", "required with grant: device_code (the RFC 8628 device authorization endpoint)")
+        if self.device_authorization_url is not None and self.grant not in ("device_code", "authorization_code"):
+            raise FieldError("device_authorization_url", "only used with grant: device_code or authorization_code (login --device)")
         if self.grant == "authorization_code":
             if self.authorize_url is None:
                 raise FieldError("authorize_url", "required with grant: authorization_code")

@@ -39,7 +39,7 @@ from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 from aiohttp import web
 
 from authproxy.testing import DemoService, TourStep
-from authproxy.testing import oauth2_assertions
+from authproxy.testing import oauth2_assertions, oauth2_device
 from authproxy.testing.oauth2_client_auth import authenticate, issuer as _issuer
 from authproxy.testing.oauth2_grants import GRANTS, scope_for as _scope
 from authproxy.testing.oauth2_model import *  # noqa: F403 - the mock's data is part of its API
@@ -319,6 +319,7 @@ def make_app(
     app.router.add_post(REVOKE_PATH, _revoke)
     app.router.add_get("/.well-known/oauth-authorization-server", _metadata)
     app.router.add_route("*", API_PATH + "/{tail:.*}", _api)
+    oauth2_device.install(app)  # RFC 8628: /auth/device, /device and the device_code grant
     oauth2_assertions.install(app)  # RFC 8693 token exchange, RFC 7523 §2.1 JWT-bearer
     return app
 
