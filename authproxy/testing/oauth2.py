@@ -238,6 +238,7 @@ async def _metadata(request: web.Request) -> web.Response:
             "authorization_endpoint": base + AUTHORIZE_PATH,
             "token_endpoint": base + TOKEN_PATH,
             "revocation_endpoint": base + REVOKE_PATH,
+            "device_authorization_endpoint": base + oauth2_device.DEVICE_PATH,
             "grant_types_supported": sorted(GRANTS),
             "response_types_supported": ["code"],
             "token_endpoint_auth_methods_supported": ["client_secret_post", "client_secret_basic", "private_key_jwt", "tls_client_auth", "none"],
