@@ -29,6 +29,7 @@ from cachetools import TLRUCache
 from authproxy.credentials.access import CredentialDoor, mask
 from authproxy.credentials.health import Health, Status, Unavailable
 from authproxy.credentials.records import CreatedRecords
+from authproxy.credentials.revocation import Revocations
 from authproxy.credentials.shared import SharedSlots
 from authproxy.metrics import Metrics
 from authproxy.observe import log_event
@@ -71,6 +72,7 @@ class ServiceCredentials:
         # Several processes share the credentials: read what they stored, fetch under the lock.
         self.shared = SharedSlots(name, store, self._identity, clock) if shared else None
         self._loaded: asyncio.Future[None] | None = None
+        self.revocations = Revocations(name, scheme, self.records, self.shared, self.mask, clock)
         # Set by the proxy when the service's secrets come from files or commands: called
         # when the upstream refuses what they built, to read them again (proxy/reread.py).
         self.on_refused: Callable[[], None] | None = None
@@ -286,27 +288,7 @@ class ServiceCredentials:
             self.metrics.token_fetch(self.name, result)
 
     def _retire(self, old: Credential) -> None:
-        """A credential replaced while still valid: revoke it now if authproxy made it
-        and the scheme wants that (an idle valid token is a liability)."""
-        token = old.token.reveal()
-        if not self.records.has(old):
-            return
-        still_valid = old.expires_at is None or old.expires_at > self.clock()
-        if not (self.scheme.revoke_replaced and still_valid):
-            if not still_valid and self.records.forget(token):
-                self._background(self.records.save())
-            return
-
-        async def run() -> None:
-            try:
-                await self.scheme.revoke(old)
-                self.records.forget(token)
-                await self.records.save()
-                log_event(log, logging.INFO, "token_revoked", service=self.name, key=old.key, reason="replaced")
-            except CredentialError as e:
-                log_event(log, logging.WARNING, "token_revoke_failed", service=self.name, key=old.key, error=self.mask(e.message, old.key, old))
-
-        self._background(run())
+        self.revocations.retire(old, self._background)
 
     # ------------------------------------------------------------------ background refresh
     def start(self) -> None:
@@ -364,31 +346,12 @@ class ServiceCredentials:
     async def revoke_created(self) -> int:
         """Revoke every still-valid credential authproxy created; returns how many."""
         await self._ensure_loaded()
-        todo = self.records.still_valid()
-        done = 0
 
-        async def one(cred: Credential) -> None:
-            nonlocal done
-            try:
-                await self.scheme.revoke(cred)
-            except CredentialError as e:
-                log_event(log, logging.WARNING, "token_revoke_failed", service=self.name, key=cred.key, error=self.mask(e.message, cred.key, cred))
-                return
-            done += 1
-            self.records.forget(cred.token.reveal())
+        def forget(cred: Credential) -> None:
             if self._cache.get(cred.key) is cred:
                 self._drop(cred.key)
-            if self.shared is not None:  # no process may pick up a revoked credential
-                with contextlib.suppress(StoreError):
-                    await self.shared.invalidate(cred.key, cred)
 
-        try:
-            await asyncio.gather(*(one(c) for c in todo))
-        finally:
-            await self.records.save()
-        if todo:
-            log_event(log, logging.INFO, "tokens_revoked", service=self.name, revoked=done, of=len(todo))
-        return done
+        return await self.revocations.revoke_all(forget)
 
     async def stop(self) -> None:
         """Stop the background refresh and pending fetches (the credentials stay recorded)."""
