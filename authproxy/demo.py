@@ -31,7 +31,7 @@ from authproxy.config import load_config_text
 from authproxy.observe import setup_logging
 from authproxy.testing import DemoService, TourStep
 
-DEMO_MODULES = ("echo", "fogbugz", "oauth2", "enfix", "github")
+DEMO_MODULES = ("echo", "fogbugz", "oauth2", "enfix", "github", "workload", "oauth2_assertions")
 DEFAULT_LISTEN = "127.0.0.1:8080"
 FORWARD_HOST = "api.demo.test"  # forward-proxy mode: a made-up name only authproxy resolves
 FORWARD_TOKEN_VAR = "AUTHPROXY_DEMO_TOKEN"

@@ -28,9 +28,16 @@ endpoint so. A request that names or authenticates a client is checked as usual.
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import tempfile
 import time
+import uuid
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -39,6 +46,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from authproxy.testing import DemoService, TourStep
 from authproxy.testing.oauth2_client_auth import token_url
 from authproxy.testing.oauth2_grants import GRANTS
 from authproxy.testing.oauth2_model import LEEWAY, Client, OAuth2State, OAuthFail
@@ -272,3 +280,104 @@ async def _jwt_bearer(request: web.Request, st: OAuth2State, client: Client, for
 
 GRANTS[TOKEN_EXCHANGE] = _token_exchange  # the token endpoint's registry: one grant, one entry
 GRANTS[JWT_BEARER] = _jwt_bearer
+
+
+# --------------------------------------------------------------------------- authproxy demo
+
+
+class DemoFiles:
+    """The files a demo service writes at start (keys, tokens): each 0600, in a private
+    0700 folder made on first use and removed when its mock app is cleaned up (at the
+    demo's exit), or at interpreter exit at the latest."""
+
+    def __init__(self, app: web.Application, prefix: str) -> None:
+        self.prefix = prefix
+        self.folder: Path | None = None
+        self._remove: weakref.finalize | None = None
+        app.on_cleanup.append(self._cleanup)  # before the app starts: its signals freeze then
+
+    async def _cleanup(self, _app: web.Application) -> None:
+        if self._remove is not None:
+            self._remove()
+
+    def write(self, name: str, text: str) -> Path:
+        """Create the file, or rewrite it in place (same inode, as the kubelet rotates a token)."""
+        if self.folder is None:
+            self.folder = Path(tempfile.mkdtemp(prefix=self.prefix))  # mode 0700
+            self._remove = weakref.finalize(self, shutil.rmtree, self.folder, True)
+        path = self.folder / name
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(fd, 0o600)
+            f.truncate()
+            f.write(text)
+        return path
+
+
+def rsa_keypair() -> tuple[rsa.RSAPrivateKey, str, bytes]:
+    """(key, private PKCS#8 PEM, public PEM), made now."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()).decode()
+    return key, private, key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def served(status: int, headers: dict[str, str], body: bytes) -> str:
+    """A tour reply of the mock API: which access token (by serial) served whom; never a token."""
+    try:
+        doc = json.loads(body)
+        return f"{doc['path']} served with access token #{doc['token_serial']} ({doc['client_id']}, scope {doc['scope']})"
+    except (ValueError, KeyError, TypeError):
+        return body[:120].decode("utf-8", "replace")
+
+
+DEMO_ACCOUNT = "authproxy-demo@demo-project.iam.gserviceaccount.com"
+DEMO_SCOPE = "https://www.googleapis.com/auth/cloud-platform"
+
+
+def demo() -> DemoService:
+    """A Google service account: a key file in Google's format, made at demo start, whose
+    public key the mock registers under its ``private_key_id``."""
+    from authproxy.testing import oauth2 as mock  # it imports this module
+
+    app = mock.make_app(clients=[])
+    st, ast = app[mock.STATE], app[ASSERTIONS]
+    files = DemoFiles(app, "authproxy-demo-gcp-")
+    _, private_pem, public_pem = rsa_keypair()
+    kid = uuid.uuid4().hex + uuid.uuid4().hex[:8]
+    ast.add_service_account(DEMO_ACCOUNT, kid, public_pem)
+
+    def config(base: str) -> dict[str, Any]:
+        key_file = {
+            "type": "service_account",
+            "project_id": "demo-project",
+            "private_key_id": kid,
+            "private_key": private_pem,
+            "client_email": DEMO_ACCOUNT,
+            "client_id": "100000000000000000001",
+            "auth_uri": "https://accounts.google.com/o/oauth2/auth",
+            "token_uri": base + mock.TOKEN_PATH,  # the mock plays oauth2.googleapis.com/token
+            "auth_provider_x509_cert_url": "https://www.googleapis.com/oauth2/v1/certs",
+            "universe_domain": "googleapis.com",
+        }
+        path = files.write("service-account.json", json.dumps(key_file, indent=2))
+        auth = {"scheme": "oauth2", "grant": "jwt_bearer", "service_account_file": str(path), "assertion_claims": {"scope": DEMO_SCOPE}}
+        return {"upstream": base + mock.API_PATH, "auth": auth}
+
+    tour = [
+        TourStep(
+            "first request: authproxy signs a JWT with the key file's private key (kid, iss, aud = its token_uri) "
+            "and trades it for an access token (RFC 7523 JWT-bearer grant, no client authentication)",
+            path="/gcp/v1/projects/demo-project/buckets",
+            show=served,
+        ),
+        TourStep("the next request reuses the cached token: no new assertion", path="/gcp/v1/projects/demo-project/instances", show=served),
+    ]
+
+    def summary() -> str:
+        refused = ", ".join(f"{k} ×{v}" for k, v in ast.refusals.items()) or "none"
+        return (
+            f"JWT-bearer grants: {st.token_requests.get(JWT_BEARER, 0)} ({len(ast.accepted_assertions)} accepted, refused: {refused}); "
+            f"API requests served: {st.api_ok}, rejected with 401: {st.api_rejected}"
+        )
+
+    return DemoService("gcp", app, config, tour, summary)
