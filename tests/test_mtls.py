@@ -111,7 +111,9 @@ async def test_without_tls_the_upstream_handshake_fails_with_a_clear_502(proxy, 
     status, got = await p.get_json("/svc/a")
     assert status == 502 and got["error"] == "upstream_unreachable", got
     assert api.url in got["message"] and "certificate required" in got["message"], got
-    assert api.seen == [] and api.handshake_errors and "did not return a certificate" in api.handshake_errors[0]
+    # the server's thread records the failed handshake on its own time: wait for it, bounded
+    await wait_for(lambda: api.handshake_errors, timeout=10)
+    assert api.seen == [] and "did not return a certificate" in api.handshake_errors[0]
     assert not [line for line in CAPTURED[seen:] if "Traceback" in line]
 
 
