@@ -90,8 +90,8 @@ class FleetScheme(Scheme):
         self.up.revoked.append(cred.token.reveal())
 
 
-@pytest.fixture(params=["statedir"])
-def make_store(request: pytest.FixtureRequest, tmp_path: Path):
+@pytest.fixture(params=["statedir", "redis"])
+async def make_store(request: pytest.FixtureRequest, tmp_path: Path):
     """A factory of stores that share their contents: one per 'process'."""
     made: list[Any] = []
     if request.param == "statedir":
@@ -116,6 +116,8 @@ def make_store(request: pytest.FixtureRequest, tmp_path: Path):
             return st
 
     yield make
+    for st in made:
+        await st.close()
 
 
 def _process(make_store: Any, upstream: Upstream) -> ServiceCredentials:
@@ -184,6 +186,33 @@ async def test_logout_revokes_for_every_process(make_store):
     new = await c.get()  # nothing left to adopt
     assert new.token != cred.token and up.calls == 2
     await _close(a, c)
+
+
+async def test_a_record_from_before_is_never_brought_back_after_it_was_replaced(make_store):
+    """A process that started with a recorded credential (reusable once, if the store
+    had none) must not fall back on it later: by then it may have been rejected and
+    replaced elsewhere, and the replacement logged out."""
+    up = Upstream(lifetime=None)
+    a = _process(make_store, up)
+    first = await a.get()
+    b = _process(make_store, up)  # starts with `first` in its records
+    b_first = await b.get()
+    assert b_first.token == first.token  # adopted from the store
+    a.rejected(first)
+    b.rejected(b_first)
+    await a.settled()
+    await b.settled()
+    second = await a.get()
+    assert second.token != first.token and up.calls == 2
+    b_second = await b.get()
+    assert b_second.token == second.token  # adopted
+    c = _process(make_store, up)
+    await c.logout()  # `second` revoked and forgotten for everyone
+    b.rejected(b_second)
+    await b.settled()
+    third = await b.get()
+    assert third.token not in (first.token, second.token) and up.calls == 3
+    await _close(a, b, c)
 
 
 async def test_a_credential_due_for_renewal_is_renewed_once(make_store):

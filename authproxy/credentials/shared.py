@@ -50,6 +50,9 @@ class SharedSlots:
             # Not the one just rejected here, and not yet due for renewal (else renew it).
             return cred is not None and self._rejected.get(key) != self.fingerprint(cred) and not due(cred)
 
+        # A credential recorded before the store was shared is a candidate on this process's
+        # first fetch for the key only: later it may have been revoked or rejected elsewhere.
+        kept = self.reusable.pop(key, None)
         try:
             cred = await self.read(key)
             if adoptable(cred):
@@ -60,7 +63,6 @@ class SharedSlots:
                 if adoptable(cred):
                     self._rejected.pop(key, None)
                     return cred, True  # type: ignore[return-value]
-                kept = self.reusable.pop(key, None)
                 if adoptable(kept) and (kept.expires_at is None or kept.expires_at > self.clock()):  # type: ignore[union-attr]
                     new = kept
                 else:
@@ -71,7 +73,7 @@ class SharedSlots:
                 except StoreError as e:  # it still works here; the others will fetch their own
                     log_event(log, logging.WARNING, "store_write_failed", service=self.name, key=key, error=str(e))
                 self._rejected.pop(key, None)
-                return new, False  # type: ignore[return-value]
+                return new, new is kept  # type: ignore[return-value]
         except StoreError as e:
             raise CredentialError(f"credential store: {e}") from None
 
