@@ -245,6 +245,15 @@ def _code_fleet(base: str) -> dict[str, Any]:
     return {"api": code_service(base)}
 
 
+async def _logged_in_fleet(upstream: Any, fleet: Any, tmp_path: Path, store: dict[str, Any], token_lifetime: int) -> tuple[Any, Fleet, list[str]]:
+    """The strict mock, one `authproxy login` for the fleet, then three replicas."""
+    app = oauth2_mock.make_app(clients=[oauth2_mock.Client(CLIENT, secret=SECRET)], token_lifetime=token_lifetime)
+    services = _code_fleet(await upstream(app))
+    await _login(tmp_path, store, services, "api")
+    f = fleet(services)
+    return app[oauth2_mock.STATE], f, await f.start(3)
+
+
 def _register(st: Any) -> None:
     for value in [*st.access, *st.refresh, *st.codes]:
         secret(value)
@@ -255,13 +264,7 @@ async def test_three_replicas_share_one_rotating_grant_without_reuse(upstream, f
     """3 s access tokens, each refresh rotates the refresh token and the mock kills the
     grant if a rotated one is ever presented again: steady traffic through three
     replicas must see no invalid_grant and no failed request."""
-    app = oauth2_mock.make_app(clients=[oauth2_mock.Client(CLIENT, secret=SECRET)], token_lifetime=3)
-    st = app[oauth2_mock.STATE]
-    base = await upstream(app)
-    services = _code_fleet(base)
-    await _login(tmp_path, store, services, "api")
-    f = fleet(services)
-    bases = await f.start(3)
+    st, f, bases = await _logged_in_fleet(upstream, fleet, tmp_path, store, token_lifetime=3)
     ok, failed, lost = await _steady_traffic(lambda: bases, SOAK_SECONDS, "/api/things")
     _register(st)
     await f.stop_all()
@@ -278,13 +281,7 @@ async def test_a_replica_killed_mid_refresh_loses_the_lock_and_the_grant_survive
     with SIGKILL. Its lock expires, another replica refreshes with the stored refresh
     token (the killed request was never processed), and the others' requests wait
     rather than fail."""
-    app = oauth2_mock.make_app(clients=[oauth2_mock.Client(CLIENT, secret=SECRET)], token_lifetime=6)
-    st = app[oauth2_mock.STATE]
-    base = await upstream(app)
-    services = _code_fleet(base)
-    await _login(tmp_path, store, services, "api")
-    f = fleet(services)
-    bases = await f.start(3)
+    st, f, bases = await _logged_in_fleet(upstream, fleet, tmp_path, store, token_lifetime=6)
     st.token_delay = 2.0
     pids = {proc.proc.pid: (proc, b) for proc, b in f.replicas}
     live = list(bases)
