@@ -38,12 +38,17 @@ EMAIL, PASSWORD = "fleet@example.com", secret("fleet password 1")
 ENFIX_APP_TOKEN, ENFIX_USER, ENFIX_PASSWORD = secret("fleet-app-token-4c1d"), "fleet-user", secret("fleet-pa55-9x")
 
 
-@pytest.fixture
-def store(tmp_path: Path, redis_server: Any) -> dict[str, Any]:
+def store_config(tmp_path: Path, url: str, prefix: str) -> dict[str, Any]:
+    """The ``store:`` section every replica of a test shares, with a key file made now."""
     key = tmp_path / "store.key"
     key.write_text(base64.b64encode(os.urandom(32)).decode() + "\n")
     os.chmod(key, 0o600)
-    return {"url": redis_server.url, "key_file": str(key), "prefix": f"fleet{os.urandom(4).hex()}:"}
+    return {"url": url, "key_file": str(key), "prefix": prefix}
+
+
+@pytest.fixture
+def store(tmp_path: Path, redis_server: Any) -> dict[str, Any]:
+    return store_config(tmp_path, redis_server.url, f"fleet{os.urandom(4).hex()}:")
 
 
 class Fleet:
@@ -314,9 +319,7 @@ async def test_a_replica_killed_mid_refresh_loses_the_lock_and_the_grant_survive
 
 async def test_store_restarted_mid_run_holds_what_it_has_fails_closed_then_recovers(upstream, cli, tmp_path, redis_factory):
     server = redis_factory()
-    key = tmp_path / "store.key"
-    key.write_text(base64.b64encode(os.urandom(32)).decode())
-    store = {"url": server.url, "key_file": str(key), "prefix": "restart:"}
+    store = store_config(tmp_path, server.url, "restart:")
     app = oauth2_mock.make_app(clients=[oauth2_mock.Client(CLIENT, secret=SECRET)], token_lifetime=3600)
     st = app[oauth2_mock.STATE]
     base = await upstream(app)
@@ -352,9 +355,7 @@ async def test_dump_of_the_store_holds_no_clear_text_credential(upstream, cli, t
     """Every kind of credential in Redis (an access token, a rotating refresh token, a
     FogBugz logon token), then SAVE: the dump holds none of them in any encoding."""
     server = redis_factory()
-    key = tmp_path / "store.key"
-    key.write_text(base64.b64encode(os.urandom(32)).decode())
-    store = {"url": server.url, "key_file": str(key), "prefix": "dump:"}
+    store = store_config(tmp_path, server.url, "dump:")
     oapp = oauth2_mock.make_app(clients=[oauth2_mock.Client(CLIENT, secret=SECRET)], token_lifetime=3600)
     ost = oapp[oauth2_mock.STATE]
     obase = await upstream(oapp)

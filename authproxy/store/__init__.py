@@ -14,15 +14,14 @@ if TYPE_CHECKING:
     from authproxy.config import Config
 
 
-def open_store(config: "Config", *, workers: int | None = None) -> Store:
+def open_store(config: "Config") -> Store:
     """The store for ``config``: Redis when ``store:`` is set, else the state dir (shared
     by the workers when there are several)."""
     if config.store is not None:
         from authproxy.store.redis import RedisStore
 
         return RedisStore(config.store)
-    n = config.workers if workers is None else workers
-    return StateDirStore(config.state_dir, shared=n > 1)
+    return StateDirStore(config.state_dir, shared=config.workers > 1)
 
 
 __all__ = ["DocStore", "Store", "StoreError", "StateDirStore", "open_store"]
